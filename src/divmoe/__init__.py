@@ -1,0 +1,1 @@
+"""divmoe: mixtures of diverse, balanced experts."""
