@@ -1,0 +1,5 @@
+"""Expert layouts."""
+
+from .swiglu import StackedSwiGLU
+
+__all__ = ["StackedSwiGLU"]

@@ -1,0 +1,174 @@
+"""The MoE layer: router → plan → dispatch / experts / combine, plus balance losses and stats.
+
+Forward pass for x[..., D] (T = number of tokens after flattening the leading dims):
+  1. Validate x (rank, width, finite values) and flatten to x_TD.
+  2. Router: x_TD → RoutingPlan (expert_ids_TK, weights_TK, probs_TE, logits_TE).
+  3. Dispatch + grouped experts + combine → routed_TD (fast path or the reference loop).
+  4. Shared experts (if any) see every token; their output is added.
+  5. Balancing losses from the plan, each times its weight, summed into ``aux_loss``.
+  6. RoutingStats: detached per-expert loads, mean probabilities, MaxVio, drops, losses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .balance import BALANCE_LOSSES
+from .config import ConfigError, option, validate
+from .diagnostics.load import max_vio
+from .dispatch import DISPATCHERS
+from .experts import StackedSwiGLU
+from .routing import ROUTERS
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = option(8, min=1, help="routed experts E")
+    top_k: int = option(2, min=1, help="experts per token k")
+    expert_hidden: int = option(128, min=1, help="hidden width of each routed expert")
+    num_shared_experts: int = option(0, min=0, help="shared experts every token passes through")
+    router: str = option("topk", choices=sorted(ROUTERS), help="routing algorithm")
+    score_func: str = option("softmax", choices=["softmax", "sigmoid"], help="router score function")
+    renormalize: bool = option(True, help="renormalise the k selected weights to sum to 1")
+    n_groups: int = option(1, min=1, help="expert groups for group-limited routing (DeepSeek-V3)")
+    topk_groups: int = option(1, min=1, help="groups each token may select from")
+    routed_scaling: float = option(1.0, min=0.0, min_exclusive=True, help="scale on routed weights")
+    jitter: float = option(0.0, min=0.0, max=1.0, help="multiplicative router input noise at train time")
+    balance: list[str] = option(default_factory=lambda: ["aux_loss", "z_loss"],
+                                items=sorted(BALANCE_LOSSES), help="balancing losses to add")
+    aux_loss_weight: float = option(0.01, min=0.0, help="α of aux_loss")
+    z_loss_weight: float = option(0.001, min=0.0, help="weight of z_loss")
+    dispatch: str = option("grouped", choices=sorted(DISPATCHERS),
+                           help="grouped = fast path; reference = loop over experts")
+
+    def check(self, prefix: str = "") -> None:
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"{prefix}top_k={self.top_k} is not allowed: must be <= "
+                              f"{prefix}num_experts={self.num_experts}")
+        if self.num_experts % self.n_groups:
+            raise ConfigError(f"{prefix}n_groups={self.n_groups} is not allowed: must divide "
+                              f"{prefix}num_experts={self.num_experts}")
+        if self.topk_groups > self.n_groups:
+            raise ConfigError(f"{prefix}topk_groups={self.topk_groups} is not allowed: must be <= "
+                              f"{prefix}n_groups={self.n_groups}")
+        if self.n_groups > 1 and self.top_k > self.topk_groups * (self.num_experts // self.n_groups):
+            raise ConfigError(f"{prefix}top_k={self.top_k} is not allowed: the {self.topk_groups} "
+                              f"selected groups hold only "
+                              f"{self.topk_groups * (self.num_experts // self.n_groups)} experts")
+
+
+@dataclass
+class RoutingStats:
+    """What one forward pass routed; plain detached tensors for diagnostics."""
+
+    tokens_per_expert: torch.Tensor   # [E] int64, routed slots per expert
+    mean_prob: torch.Tensor           # [E] mean router probability
+    max_vio: float
+    dropped_slots: int
+    num_tokens: int
+    losses: dict                      # name → unweighted loss value (float)
+    expert_ids: torch.Tensor          # [T, K] int64 chosen experts (−1 = empty slot)
+
+
+class MoEOutput(NamedTuple):
+    output: torch.Tensor      # same shape as the input
+    aux_loss: torch.Tensor    # weighted sum of balancing losses (0-dim; add it to the training loss)
+    stats: RoutingStats
+
+
+class SwiGLU(nn.Module):
+    """A dense SwiGLU MLP (shared experts; the dense baseline)."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w_in = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.w_out = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w_in(x).chunk(2, dim=-1)
+        return self.w_out(F.silu(gate) * up)
+
+
+class MoE(nn.Module):
+    """A sparse Mixture-of-Experts MLP usable in any PyTorch model.
+
+    ``MoE(d_model, MoEConfig(...))(x)`` with x of shape [..., d_model] returns a
+    :class:`MoEOutput` ``(output, aux_loss, stats)``.
+    """
+
+    def __init__(self, d_model: int, config: MoEConfig | None = None, **overrides):
+        super().__init__()
+        config = config or MoEConfig(**overrides)
+        validate(config, "moe.")
+        self.config, self.d_model = config, d_model
+        c = config
+        self.router = ROUTERS[c.router](d_model, c.num_experts, c.top_k, score_func=c.score_func,
+                                        renormalize=c.renormalize, n_groups=c.n_groups,
+                                        topk_groups=c.topk_groups, routed_scaling=c.routed_scaling,
+                                        jitter=c.jitter)
+        self.experts = StackedSwiGLU(c.num_experts, d_model, c.expert_hidden)
+        self.shared = SwiGLU(d_model, c.num_shared_experts * c.expert_hidden) \
+            if c.num_shared_experts else None
+        self._dispatch = DISPATCHERS[c.dispatch]
+        self._losses = {name: (BALANCE_LOSSES[name], getattr(c, f"{name}_weight")) for name in c.balance}
+
+    def active_params_per_token(self) -> int:
+        """Parameters a token touches: router + k routed experts + shared experts."""
+        n = self.router.gate.weight.numel() + self.config.top_k * self.experts.params_per_expert()
+        if self.shared is not None:
+            n += sum(p.numel() for p in self.shared.parameters())
+        return n
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        x_TD = self._check_input(x)
+        plan = self.router(x_TD)
+        out_TD = self._dispatch(x_TD, plan, self.experts)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)
+
+        aux = x_TD.new_zeros((), dtype=torch.float32)
+        losses = {}
+        for name, (fn, weight) in self._losses.items():
+            if plan.num_tokens == 0:  # a mean over no tokens is NaN; nothing to balance
+                losses[name] = 0.0
+                continue
+            value = fn(plan)
+            losses[name] = float(value.detach())
+            aux = aux + weight * value
+        stats = self._stats(plan, losses)
+        return MoEOutput(out_TD.view(x.shape), aux, stats)
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"MoE input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1:
+            raise ValueError(f"MoE input must have rank >= 1 with last dim d_model={self.d_model}, "
+                             f"got a scalar")
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"MoE input width is {x.shape[-1]} but d_model={self.d_model} "
+                             f"(input shape {tuple(x.shape)})")
+        if not x.is_floating_point():
+            raise ValueError(f"MoE input must be floating point, got {x.dtype}")
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise ValueError(f"MoE input contains {bad} NaN/inf values (shape {tuple(x.shape)})")
+        return x.reshape(-1, self.d_model)
+
+    @torch.no_grad()
+    def _stats(self, plan, losses: dict) -> RoutingStats:
+        counts_E = plan.tokens_per_expert()
+        return RoutingStats(
+            tokens_per_expert=counts_E,
+            mean_prob=plan.probs_TE.detach().float().mean(0) if plan.num_tokens else
+            torch.zeros(plan.num_experts),
+            max_vio=max_vio(counts_E),
+            dropped_slots=int(plan.dropped_slots),
+            num_tokens=plan.num_tokens,
+            losses=losses,
+            expert_ids=plan.expert_ids_TK.detach(),
+        )

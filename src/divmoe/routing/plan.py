@@ -1,0 +1,44 @@
+"""The RoutingPlan: the one record a router hands to dispatch and to the stats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RoutingPlan:
+    """Which expert each token slot goes to, and with what weight.
+
+    Shapes: T tokens, K slots per token, E routed experts.
+
+    - ``expert_ids_TK`` (int64): expert of each slot; ``-1`` marks an empty slot
+      (a dropped token or a router that chose fewer than K experts). Empty slots
+      are never silent: :attr:`dropped_slots` counts them.
+    - ``weights_TK``: combine weight of each slot (differentiable; 0 for empty slots).
+    - ``probs_TE``: router probabilities used by balancing losses (rows sum to 1).
+    - ``logits_TE``: raw router logits (for z-loss).
+    """
+
+    expert_ids_TK: torch.Tensor
+    weights_TK: torch.Tensor
+    probs_TE: torch.Tensor
+    logits_TE: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.expert_ids_TK.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs_TE.shape[1]
+
+    @property
+    def dropped_slots(self) -> torch.Tensor:
+        return (self.expert_ids_TK < 0).sum()
+
+    def tokens_per_expert(self) -> torch.Tensor:
+        """Routed slot count per expert, [E] int64 (empty slots excluded)."""
+        ids = self.expert_ids_TK.reshape(-1)
+        return torch.bincount(ids[ids >= 0], minlength=self.num_experts)

@@ -1,0 +1,70 @@
+"""Top-k routing: Switch/GShard/Mixtral (softmax) and DeepSeek-V3 (sigmoid, group-limited)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .plan import RoutingPlan
+
+
+class TopKRouter(nn.Module):
+    """Linear gate, then each token keeps its k best experts.
+
+    Forward pass (x_TD → RoutingPlan):
+      1. logits_TE = x_TD @ W_DE (with optional multiplicative jitter on x at train time,
+         as in Switch Transformer / Mixtral).
+      2. scores_TE = softmax(logits) or sigmoid(logits).
+      3. Selection uses ``scores + selection_bias`` (the bias is a balancer's state, e.g.
+         loss-free balancing; it never enters the combine weights). With ``n_groups > 1``
+         (DeepSeek-V3 group-limited routing) a group's score is the sum of its top-2
+         selection scores; only the best ``topk_groups`` groups stay eligible.
+      4. weights_TK = scores of the chosen experts, renormalised to sum to 1 if asked,
+         times ``routed_scaling``.
+    ``probs_TE`` for balancing losses is the softmax, or the sigmoid scores normalised
+    per token (DeepSeek-V3's sequence-wise balance loss uses the same normalisation).
+    """
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, score_func: str = "softmax",
+                 renormalize: bool = True, n_groups: int = 1, topk_groups: int = 1,
+                 routed_scaling: float = 1.0, jitter: float = 0.0):
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.score_func, self.renormalize = score_func, renormalize
+        self.n_groups, self.topk_groups = n_groups, topk_groups
+        self.routed_scaling, self.jitter = routed_scaling, jitter
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=d_model ** -0.5)
+
+    def forward(self, x_TD: torch.Tensor, selection_bias_E: torch.Tensor | None = None) -> RoutingPlan:
+        if self.training and self.jitter > 0:
+            noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            x_TD = x_TD * noise
+        logits_TE = self.gate(x_TD)
+        if self.score_func == "softmax":
+            scores_TE = logits_TE.float().softmax(dim=-1)
+            probs_TE = scores_TE
+        else:
+            scores_TE = logits_TE.float().sigmoid()
+            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+        select_TE = scores_TE.detach()
+        if selection_bias_E is not None:
+            select_TE = select_TE + selection_bias_E
+        if self.n_groups > 1:
+            select_TE = self._mask_groups(select_TE)
+        expert_ids_TK = select_TE.topk(self.top_k, dim=-1).indices
+
+        weights_TK = scores_TE.gather(1, expert_ids_TK)
+        if self.renormalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        weights_TK = (weights_TK * self.routed_scaling).to(x_TD.dtype)
+        return RoutingPlan(expert_ids_TK, weights_TK, probs_TE, logits_TE)
+
+    def _mask_groups(self, select_TE: torch.Tensor) -> torch.Tensor:
+        T, E = select_TE.shape
+        groups_TGe = select_TE.view(T, self.n_groups, E // self.n_groups)
+        group_score_TG = groups_TGe.topk(min(2, E // self.n_groups), dim=-1).values.sum(-1)
+        keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
+        keep_TG.scatter_(1, group_score_TG.topk(self.topk_groups, dim=-1).indices, True)
+        return groups_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(T, E)
