@@ -45,6 +45,17 @@ def _allowed(meta: dict, type_name: str) -> str:
     return " ".join(parts)
 
 
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is dict:
+        return f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}"
+    if origin is list:
+        return f"a list of {_type_name(args[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
 def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
     """Coerce ``value`` to type ``tp`` where lossless and check the field's bounds."""
     origin = typing.get_origin(tp)
@@ -55,7 +66,7 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
             return None
         tp = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(tp), typing.get_args(tp)
-    type_name = getattr(tp, "__name__", str(tp))
+    type_name = _type_name(tp)
 
     def fail(why: str = ""):
         msg = f"{key}={value!r} is not allowed: expected {_allowed(meta, type_name)}"
@@ -131,7 +142,7 @@ def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]!r}; allowed keys under "
+        raise ConfigError(f"unknown key '{prefix}{unknown[0]}'; allowed keys under "
                           f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in data.items():
@@ -182,8 +193,7 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, Any, str, str]]:
             out += describe(tp, f"{prefix}{f.name}.")
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        out.append((prefix + f.name, default,
-                    _allowed(dict(f.metadata), getattr(tp, "__name__", str(tp))),
+        out.append((prefix + f.name, default, _allowed(dict(f.metadata), _type_name(tp)),
                     f.metadata.get("help", "")))
     return out
 

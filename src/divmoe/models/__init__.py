@@ -1,0 +1,5 @@
+"""Models built from MoE layers."""
+
+from .transformer import ModelConfig, MoETransformer
+
+__all__ = ["ModelConfig", "MoETransformer"]

@@ -1,0 +1,7 @@
+"""Training: the run configuration, the loop, checkpoints."""
+
+from .config import DataConfig, RunConfig, TrainConfig, load_config
+from .loop import RunError, TrainResult, evaluate, train
+
+__all__ = ["DataConfig", "RunConfig", "TrainConfig", "load_config", "RunError", "TrainResult",
+           "evaluate", "train"]

@@ -1,0 +1,88 @@
+"""The `divmoe` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError
+
+
+def _cmd_train(args) -> int:
+    from .train import RunError, load_config, train
+
+    config = None
+    if args.config or args.set or not args.resume:
+        config = load_config(args.config, args.set)
+    result = train(args.out, config, resume=args.resume, progress=not args.quiet)
+    last = result.metrics[-1] if result.metrics else None
+    if last:
+        by_domain = ", ".join(f"{d} {v:.3f}" for d, v in last["val_bpb_by_domain"].items())
+        print(f"step {last['step']}: val_bpb {last['val_bpb']:.3f} ({by_domain})")
+    print(f"report: {result.run_dir / 'report.html'}")
+    return 130 if result.interrupted else 0
+
+
+def _cmd_report(args) -> int:
+    from .report import write_report
+
+    print(write_report(args.run))
+    return 0
+
+
+def _cmd_config(args) -> int:
+    from .config import describe, dump_yaml
+    from .train import RunConfig, load_config
+
+    if args.show_resolved:
+        print(dump_yaml(load_config(args.config, args.set)), end="")
+        return 0
+    for key, default, allowed, help_ in describe(RunConfig):
+        print(f"{key:28s} {str(default):22s} {allowed:40s} {help_}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="divmoe", description="Mixtures of diverse, balanced experts.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add_config_args(sp):
+        sp.add_argument("--config", help="YAML file with settings (see `divmoe config`)")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting, e.g. --set moe.top_k=4 (repeatable)")
+
+    t = sub.add_parser("train", help="train the small MoE LM on the embedded corpus")
+    t.add_argument("--out", required=True, help="run folder (metrics, checkpoint, report)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_args(t)
+    t.set_defaults(func=_cmd_train)
+
+    r = sub.add_parser("report", help="(re)write RUN/report.html from a run folder")
+    r.add_argument("run")
+    r.set_defaults(func=_cmd_report)
+
+    c = sub.add_parser("config", help="list every setting with its default and allowed values")
+    c.add_argument("--show-resolved", action="store_true",
+                   help="print the configuration that --config/--set resolve to")
+    add_config_args(c)
+    c.set_defaults(func=_cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"divmoe: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if type(exc).__name__ != "RunError":
+            raise
+        print(f"divmoe: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""A small decoder-only transformer LM whose MLPs are MoE layers (or dense SwiGLU).
+
+Reads top to bottom: embeddings → N × (attention, MLP) blocks with pre-RMSNorm →
+final norm → tied output projection. ``ModelConfig.moe=False`` gives the dense baseline
+whose MLP width equals the MoE's active width (k routed + shared experts), so both
+models spend the same active FLOPs per token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigError, option
+from ..layer import MoE, MoEConfig, RoutingStats, SwiGLU
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = option(256, min=2, help="vocabulary size (256 = bytes)")
+    d_model: int = option(128, min=1, help="model width")
+    n_layers: int = option(4, min=1, help="transformer blocks")
+    n_heads: int = option(4, min=1, help="attention heads (must divide d_model)")
+    seq_len: int = option(256, min=1, help="context length in tokens")
+    moe: bool = option(True, help="MoE MLPs; false = dense baseline with equal active params")
+    moe_every: int = option(1, min=1, help="every n-th block has an MoE MLP (the rest dense)")
+
+    def check(self, prefix: str = "") -> None:
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"{prefix}n_heads={self.n_heads} is not allowed: must divide "
+                              f"{prefix}d_model={self.d_model}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ConfigError(f"{prefix}d_model/n_heads={self.d_model // self.n_heads} is not "
+                              f"allowed: the head width must be even (rotary embeddings)")
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).unbind(2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0):
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles_SH = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angles_SH.cos(), angles_SH.sin()
+
+
+def apply_rope(x_BSNH: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor) -> torch.Tensor:
+    S = x_BSNH.shape[1]
+    cos, sin = cos_SH[:S, None, :], sin_SH[:S, None, :]
+    x1, x2 = x_BSNH.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x_BSNH.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, mc: ModelConfig, moe_cfg: MoEConfig, use_moe: bool):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(mc.d_model)
+        self.attn = Attention(mc.d_model, mc.n_heads)
+        self.norm2 = nn.RMSNorm(mc.d_model)
+        if use_moe:
+            self.mlp = MoE(mc.d_model, moe_cfg)
+        else:
+            self.mlp = SwiGLU(mc.d_model, (moe_cfg.top_k + moe_cfg.num_shared_experts)
+                              * moe_cfg.expert_hidden)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.mlp, MoE)
+
+    def forward(self, x, rope):
+        x = x + self.attn(self.norm1(x), rope)
+        h = self.norm2(x)
+        if self.is_moe:
+            out = self.mlp(h)
+            return x + out.output, out.aux_loss, out.stats
+        return x + self.mlp(h), None, None
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, mc: ModelConfig, moe_cfg: MoEConfig):
+        super().__init__()
+        self.config, self.moe_config = mc, moe_cfg
+        self.embed = nn.Embedding(mc.vocab_size, mc.d_model)
+        self.blocks = nn.ModuleList(
+            Block(mc, moe_cfg, use_moe=mc.moe and (i + 1) % mc.moe_every == 0)
+            for i in range(mc.n_layers))
+        self.norm = nn.RMSNorm(mc.d_model)
+        cos, sin = rope_tables(mc.seq_len, mc.d_model // mc.n_heads)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2 style scaled residual projections
+            if name.endswith(("proj.weight", "w_out.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * mc.n_layers))
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i, b in enumerate(self.blocks) if b.is_moe]
+
+    def forward(self, tokens_BS: torch.Tensor):
+        """Returns (logits [B, S, V], aux_loss scalar, list of RoutingStats, one per MoE block)."""
+        if tokens_BS.dim() != 2:
+            raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens_BS.shape)}")
+        if tokens_BS.shape[1] > self.config.seq_len:
+            raise ValueError(f"sequence length {tokens_BS.shape[1]} exceeds model.seq_len="
+                             f"{self.config.seq_len}")
+        x = self.embed(tokens_BS)
+        aux = x.new_zeros(())
+        stats: list[RoutingStats] = []
+        for block in self.blocks:
+            x, block_aux, block_stats = block(x, (self.rope_cos, self.rope_sin))
+            if block_stats is not None:
+                aux = aux + block_aux
+                stats.append(block_stats)
+        logits = F.linear(self.norm(x), self.embed.weight)
+        return logits, aux, stats
+
+    def param_counts(self) -> dict:
+        """Total parameters, and parameters active for one token."""
+        total = sum(p.numel() for p in self.parameters())
+        active = total
+        for b in self.blocks:
+            if b.is_moe:
+                active -= sum(p.numel() for p in b.mlp.parameters())
+                active += b.mlp.active_params_per_token()
+        return {"params_total": total, "params_active": active}

@@ -1,0 +1,67 @@
+"""The resolved configuration of a training run: model, MoE layer, data, optimisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from ..config import ConfigError, apply_overrides, from_dict, option, validate
+from ..layer import MoEConfig
+from ..models import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    weights: Optional[dict[str, float]] = option(None, help="domain → mixture weight (null = by size)")
+    temperature: float = option(1.0, min=0.0, min_exclusive=True,
+                                help="mixture temperature over domain sizes (>1 flattens)")
+    val_bytes_per_domain: int = option(32768, min=1, help="validation bytes per domain per eval")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = option(600, min=1, help="optimizer steps")
+    batch_size: int = option(16, min=1, help="sequences per step")
+    lr: float = option(3e-3, min=0.0, min_exclusive=True, help="peak learning rate")
+    min_lr_ratio: float = option(0.1, min=0.0, max=1.0, help="final lr as a fraction of peak (cosine)")
+    warmup_steps: int = option(30, min=0, help="linear warmup steps")
+    weight_decay: float = option(0.1, min=0.0, help="AdamW weight decay on matrices")
+    grad_clip: float = option(1.0, min=0.0, help="global grad-norm clip (0 = off)")
+    eval_every: int = option(100, min=1, help="evaluate + checkpoint every n steps")
+    eval_batch_size: int = option(32, min=1, help="sequences per validation batch")
+    seed: int = option(0, min=0, help="seed for weights and data order")
+    threads: int = option(0, min=0, help="torch CPU threads (0 = torch default)")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = option(default_factory=ModelConfig)
+    moe: MoEConfig = option(default_factory=MoEConfig)
+    data: DataConfig = option(default_factory=DataConfig)
+    train: TrainConfig = option(default_factory=TrainConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (),
+                base: dict | None = None) -> RunConfig:
+    """Defaults ← ``base`` mapping ← YAML file ← ``key=value`` overrides, then validated."""
+    data = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
+        data = _merge(data, loaded)
+    data = apply_overrides(data, list(overrides))
+    return validate(from_dict(RunConfig, data))
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -1,0 +1,258 @@
+"""`divmoe train`: train the small MoE LM on the embedded corpus, evaluate, checkpoint, report.
+
+A run folder holds ``config.yaml``, ``metrics.jsonl`` (one row per evaluation),
+``routing.json`` (expert × domain routing counts of the latest evaluation),
+``summary.json``, ``checkpoint/`` and ``report.html``.
+
+Determinism: batch i is a pure function of (seed, i), and the checkpoint carries the
+optimizer, RNG and running-loss state, so a resumed run reproduces an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..config import ConfigError, dump_yaml, to_dict
+from ..data.corpus import load_corpus
+from ..data.mixture import MixtureSampler, unigram_entropy_bits, validation_set
+from ..diagnostics.load import max_vio
+from ..models import MoETransformer
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .config import RunConfig, load_config
+
+LN2 = math.log(2.0)
+
+
+class RunError(RuntimeError):
+    """A run folder in a state the requested action cannot work with."""
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warmup, then cosine decay to ``min_lr_ratio · lr`` at the last step."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed" in n]
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95))
+
+
+@dataclass
+class Evaluation:
+    row: dict
+    routing: dict | None = None
+
+
+@torch.no_grad()
+def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: int) -> Evaluation:
+    """Validation loss per domain (bits per byte: the tokenizer is byte-level), MaxVio and loads."""
+    model.eval()
+    domains = sorted(val)
+    moe_layers = model.moe_layers
+    L, E = len(moe_layers), model.moe_config.num_experts
+    loss_sum = {d: 0.0 for d in domains}
+    tokens = {d: 0 for d in domains}
+    counts_LED = torch.zeros(L, E, len(domains), dtype=torch.int64)
+    vio_sum, vio_batches = torch.zeros(L, dtype=torch.float64), 0
+    for di, d in enumerate(domains):
+        for chunk in val[d].split(batch_size):
+            logits, _, stats = model(chunk[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                   chunk[:, 1:].reshape(-1), reduction="sum")
+            loss_sum[d] += float(loss)
+            tokens[d] += chunk[:, 1:].numel()
+            for li, s in enumerate(stats):
+                ids = s.expert_ids.reshape(-1)
+                counts_LED[li, :, di] += torch.bincount(ids[ids >= 0], minlength=E)
+                vio_sum[li] += s.max_vio
+            vio_batches += 1
+    model.train()
+    bpb = {d: loss_sum[d] / tokens[d] / LN2 for d in domains}
+    val_loss = sum(loss_sum.values()) / sum(tokens.values())
+    row = {"val_loss": val_loss, "val_bpb": val_loss / LN2, "val_bpb_by_domain": bpb}
+    if not L:
+        row["max_vio"] = None
+        return Evaluation(row)
+    vio_L = vio_sum / max(vio_batches, 1)
+    load_LE = counts_LED.sum(-1).double()
+    load_LE = load_LE / load_LE.sum(-1, keepdim=True).clamp_min(1)
+    row.update(max_vio=float(vio_L.mean()), max_vio_by_layer=vio_L.tolist(),
+               expert_load=load_LE.tolist())
+    routing = {"domains": domains, "layers": moe_layers, "counts": counts_LED.tolist()}
+    return Evaluation(row, routing)
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _rewrite_metrics(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: list[dict] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def train(out: str | Path, config: RunConfig | None = None, resume: bool = False,
+          progress: bool = True, stop_after: int | None = None) -> TrainResult:
+    """Train (or resume) a run in ``out``. ``stop_after`` ends the run early at that step as if
+    interrupted (used to test resuming)."""
+    run_dir = Path(out)
+    ckpt_path = find_checkpoint(run_dir) if run_dir.exists() else None
+    if resume:
+        if ckpt_path is None:
+            raise RunError(f"--resume: no checkpoint in {run_dir}; start it without --resume")
+        saved = load_config(run_dir / "config.yaml")
+        if config is not None and to_dict(config) != to_dict(saved):
+            # Only the length of the run may change on resume; anything else would not be a resume.
+            a, b = to_dict(config), to_dict(saved)
+            a["train"]["steps"] = b["train"]["steps"]
+            if a != b:
+                raise ConfigError("--resume: the configuration differs from the saved "
+                                  f"{run_dir / 'config.yaml'}; only train.steps may change")
+            saved.train.steps = config.train.steps
+        config = saved
+    else:
+        if ckpt_path is not None or (run_dir / "metrics.jsonl").exists():
+            raise RunError(f"{run_dir} already holds a run; pass --resume to continue it, "
+                           "or choose another --out")
+        config = config or load_config()
+    cfg = config
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+
+    torch.manual_seed(cfg.train.seed)
+    model = MoETransformer(cfg.model, cfg.moe)
+    optimizer = build_optimizer(model, cfg)
+    train_docs, val_docs = load_corpus("train"), load_corpus("val")
+    sampler = MixtureSampler(train_docs, cfg.model.seq_len, seed=cfg.train.seed,
+                             weights=cfg.data.weights, temperature=cfg.data.temperature)
+    val = validation_set(val_docs, cfg.model.seq_len, cfg.data.val_bytes_per_domain)
+    if cfg.data.weights:
+        unknown = sorted(set(cfg.data.weights) - set(sampler.domain_names))
+        if unknown:
+            raise ConfigError(f"data.weights: unknown domain {unknown[0]!r}; "
+                              f"domains: {', '.join(sampler.domain_names)}")
+
+    metrics_path = run_dir / "metrics.jsonl"
+    state = {"step": 0, "loss_sum": 0.0, "loss_count": 0, "train_time": 0.0, "tokens_seen": 0,
+             "elapsed": 0.0}
+    metrics: list[dict] = []
+    if resume:
+        state = load_checkpoint(ckpt_path, model)
+        optimizer.load_state_dict(state.pop("optimizer"))
+        torch.set_rng_state(state.pop("rng"))
+        if metrics_path.exists():
+            metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+        metrics = [r for r in metrics if r["step"] <= state["step"]]
+        _rewrite_metrics(metrics_path, metrics)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    params = model.param_counts()
+    unigram = unigram_entropy_bits(train_docs)
+
+    def checkpoint():
+        save_checkpoint(run_dir, model, {**state, "optimizer": optimizer.state_dict(),
+                                         "rng": torch.get_rng_state()})
+
+    def write_summary(interrupted: bool):
+        _write_json_atomic(run_dir / "summary.json", {
+            "model": "moe" if cfg.model.moe else "dense", "unigram_bpb": unigram,
+            "wall_time_s": state["elapsed"], "steps": state["step"], "interrupted": interrupted,
+            **params, "final": metrics[-1] if metrics else None})
+
+    def run_eval():
+        ev = evaluate(model, val, cfg.train.eval_batch_size)
+        row = {"step": state["step"],
+               "train_loss": state["loss_sum"] / state["loss_count"] if state["loss_count"] else None,
+               **ev.row,
+               "tokens_per_s": state["tokens_seen"] / state["train_time"] if state["train_time"] else None,
+               "elapsed_s": state["elapsed"], "lr": lr_at(max(state["step"] - 1, 0), cfg)}
+        metrics.append(row)
+        with open(metrics_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if ev.routing is not None:
+            _write_json_atomic(run_dir / "routing.json", ev.routing)
+        state.update(loss_sum=0.0, loss_count=0, train_time=0.0, tokens_seen=0)
+        checkpoint()
+        return row
+
+    steps = cfg.train.steps
+    bar = tqdm(total=steps, initial=state["step"], disable=not progress, unit="step",
+               dynamic_ncols=True, desc=f"train {run_dir.name}")
+    interrupted = False
+    t_start = time.perf_counter() - state["elapsed"]
+    try:
+        if state["step"] == 0 and not metrics:
+            run_eval()
+        while state["step"] < steps:
+            if stop_after is not None and state["step"] >= stop_after:
+                interrupted = True
+                break
+            t0 = time.perf_counter()
+            step = state["step"]
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            tokens, _ = sampler.batch(step, cfg.train.batch_size)
+            logits, aux, _ = model(tokens[:, :-1])
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+            loss = ce + aux
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {float(loss)} at step {step}; the last "
+                                         f"checkpoint in {run_dir} is intact (lower train.lr?)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            state["step"] += 1
+            state["loss_sum"] += float(ce)
+            state["loss_count"] += 1
+            state["tokens_seen"] += tokens[:, :-1].numel()
+            state["train_time"] += time.perf_counter() - t0
+            state["elapsed"] = time.perf_counter() - t_start
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(ce):.3f}", refresh=False)
+            if state["step"] % cfg.train.eval_every == 0 or state["step"] == steps:
+                row = run_eval()
+                bar.set_postfix(loss=f"{float(ce):.3f}", val_bpb=f"{row['val_bpb']:.3f}")
+    except KeyboardInterrupt:
+        interrupted = True
+        checkpoint()  # nothing lost: the running-loss state is in the checkpoint too
+        bar.write(f"interrupted at step {state['step']}; resume with --resume")
+    finally:
+        bar.close()
+    if interrupted and stop_after is not None:
+        checkpoint()
+    state["elapsed"] = time.perf_counter() - t_start
+    write_summary(interrupted)
+    from ..report import write_report
+    write_report(run_dir)
+    return TrainResult(run_dir, metrics, interrupted)
