@@ -1,0 +1,203 @@
+"""Domain mixtures over the byte-level corpus: weights, a deterministic sampler,
+fixed validation windows and unigram entropies.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import defaultdict
+from typing import Mapping
+
+import torch
+
+from .corpus import Document
+
+__all__ = ["DOC_SEPARATOR", "mixture_weights", "MixtureSampler", "validation_set", "unigram_entropy_bits"]
+
+#: inserted between consecutive documents of a domain's byte stream
+DOC_SEPARATOR = "\n\n"
+
+
+def _domain_streams(docs: list[Document]) -> dict[str, bytes]:
+    """{domain: UTF-8 bytes of its documents (sorted by id) joined by DOC_SEPARATOR}, sorted by domain."""
+    by_domain: dict[str, list[Document]] = defaultdict(list)
+    for d in docs:
+        by_domain[d.domain].append(d)
+    return {
+        dom: DOC_SEPARATOR.join(d.text for d in sorted(by_domain[dom], key=lambda d: d.id)).encode("utf-8")
+        for dom in sorted(by_domain)
+    }
+
+
+def _as_tensor(data: bytes) -> torch.Tensor:
+    if not data:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def mixture_weights(
+    sizes: Mapping[str, int],
+    temperature: float = 1.0,
+    weights: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """Sampling probability of each domain (keys sorted, values sum to 1).
+
+    By default ``p_d ∝ size_d ** (1 / temperature)``: ``temperature=1`` samples
+    in proportion to size, larger temperatures flatten towards uniform, smaller
+    ones sharpen towards the largest domain.  Explicit ``weights`` (any
+    non-negative numbers, normalised here; domains left out get 0) override the
+    size-based rule and ``temperature`` is then not used.
+    """
+    if not sizes:
+        raise ValueError("sizes is empty: need at least one domain")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    names = sorted(sizes)
+    for name in names:
+        if sizes[name] < 0:
+            raise ValueError(f"size of domain {name!r} is negative ({sizes[name]})")
+    if weights is not None:
+        unknown = sorted(set(weights) - set(names))
+        if unknown:
+            raise ValueError(f"unknown domain name(s) in weights: {unknown}; known domains: {names}")
+        for name, w in weights.items():
+            if not math.isfinite(float(w)) or w < 0:
+                raise ValueError(f"weight of domain {name!r} must be finite and >= 0, got {w!r}")
+        raw = [float(weights.get(n, 0.0)) for n in names]
+        if sum(raw) <= 0:
+            raise ValueError("weights sum to zero: at least one domain needs a positive weight")
+    else:
+        biggest = max(sizes.values())
+        if biggest <= 0:
+            raise ValueError("all domain sizes are zero")
+        # (size / max) ** (1/T) avoids overflow for small temperatures
+        raw = [(sizes[n] / biggest) ** (1.0 / temperature) if sizes[n] > 0 else 0.0 for n in names]
+    total = sum(raw)
+    return {n: r / total for n, r in zip(names, raw)}
+
+
+def _step_seed(seed: int, step: int) -> int:
+    digest = hashlib.sha256(f"divmoe.MixtureSampler:{int(seed)}:{int(step)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class MixtureSampler:
+    """Random training windows drawn from a mixture of domains.
+
+    Each domain's documents (sorted by id) are encoded to UTF-8 and joined with
+    :data:`DOC_SEPARATOR` into one byte stream.  :meth:`batch` is a pure
+    function of ``(seed, step, batch_size)``: a ``torch.Generator`` seeded from
+    ``(seed, step)`` picks, for every row, a domain by the mixture weights and
+    then a uniformly random window start in that domain's stream.  A resumed
+    run therefore sees exactly the same batches as an uninterrupted one.
+    """
+
+    def __init__(
+        self,
+        docs: list[Document],
+        seq_len: int,
+        seed: int,
+        weights: Mapping[str, float] | None = None,
+        temperature: float = 1.0,
+    ):
+        if int(seq_len) != seq_len or seq_len < 1:
+            raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+        self.seq_len = int(seq_len)
+        self.seed = int(seed)
+        streams = _domain_streams(docs)
+        if not streams:
+            raise ValueError("MixtureSampler needs at least one document")
+        self.domain_names: tuple[str, ...] = tuple(streams)
+        self.stream_sizes: dict[str, int] = {d: len(b) for d, b in streams.items()}
+        self.weights: dict[str, float] = mixture_weights(self.stream_sizes, temperature=temperature, weights=weights)
+        for d in self.domain_names:
+            if self.weights[d] > 0 and self.stream_sizes[d] < self.seq_len + 1:
+                raise ValueError(
+                    f"domain {d!r} has {self.stream_sizes[d]} bytes, fewer than seq_len + 1 = {self.seq_len + 1}"
+                )
+        self.probs = torch.tensor([self.weights[d] for d in self.domain_names], dtype=torch.float64)
+        self._data = torch.cat([_as_tensor(streams[d]) for d in self.domain_names])
+        sizes = torch.tensor([self.stream_sizes[d] for d in self.domain_names], dtype=torch.int64)
+        self._offsets = torch.cumsum(sizes, 0) - sizes
+        # number of valid window starts per domain (0 for domains never sampled and too short)
+        self._n_starts = (sizes - self.seq_len).clamp_min(0)
+        self._window = torch.arange(self.seq_len + 1, dtype=torch.int64)
+
+    @property
+    def num_domains(self) -> int:
+        return len(self.domain_names)
+
+    def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens [batch_size, seq_len + 1] int64, domain_ids [batch_size] int64)``.
+
+        ``tokens[:, :-1]`` are inputs and ``tokens[:, 1:]`` next-byte targets;
+        ``domain_ids`` index :attr:`domain_names`.
+        """
+        if int(batch_size) != batch_size or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if int(step) != step or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        g = torch.Generator(device="cpu")
+        g.manual_seed(_step_seed(self.seed, step))
+        domain_ids = torch.multinomial(self.probs, int(batch_size), replacement=True, generator=g)
+        u = torch.rand(int(batch_size), generator=g, dtype=torch.float64)
+        n = self._n_starts[domain_ids]
+        starts = torch.minimum((u * n).long(), n - 1)
+        idx = (self._offsets[domain_ids] + starts).unsqueeze(1) + self._window
+        return self._data[idx].long(), domain_ids.long()
+
+    def __repr__(self) -> str:
+        w = ", ".join(f"{d}={self.weights[d]:.3f}" for d in self.domain_names)
+        return f"MixtureSampler(seq_len={self.seq_len}, seed={self.seed}, weights={{{w}}})"
+
+
+def validation_set(docs: list[Document], seq_len: int, max_bytes_per_domain: int) -> dict[str, torch.Tensor]:
+    """Fixed evaluation windows per domain: ``{domain: LongTensor [N, seq_len + 1]}``.
+
+    Each domain's stream (documents sorted by id, joined by
+    :data:`DOC_SEPARATOR`) is truncated to ``max_bytes_per_domain`` bytes and cut
+    into consecutive windows with stride ``seq_len``: window ``i`` covers bytes
+    ``[i*seq_len, (i+1)*seq_len]``, so the predicted targets (``w[:, 1:]``) do not
+    overlap and every byte after the first is scored exactly once.  Deterministic.
+    """
+    if int(seq_len) != seq_len or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+    if max_bytes_per_domain < seq_len + 1:
+        raise ValueError(f"max_bytes_per_domain ({max_bytes_per_domain}) must be >= seq_len + 1 ({seq_len + 1})")
+    out = {}
+    for dom, data in _domain_streams(docs).items():
+        stream = _as_tensor(data[: int(max_bytes_per_domain)])
+        n = (stream.numel() - 1) // seq_len
+        if n < 1:
+            raise ValueError(f"domain {dom!r} has only {stream.numel()} bytes, fewer than seq_len + 1 = {seq_len + 1}")
+        idx = torch.arange(n, dtype=torch.int64).unsqueeze(1) * seq_len + torch.arange(seq_len + 1)
+        out[dom] = stream[idx].long()
+    return out
+
+
+def _entropy_bits(counts: torch.Tensor) -> float:
+    total = counts.sum()
+    if total == 0:
+        return 0.0
+    p = counts[counts > 0].double() / total
+    return float(-(p * torch.log2(p)).sum())
+
+
+def unigram_entropy_bits(docs: list[Document]) -> dict[str, float]:
+    """Byte-unigram entropy in bits per byte, per domain and pooled under ``"all"``.
+
+    A context-free baseline: a model that beats it in bits-per-byte has learned
+    more than byte frequencies.  Estimated on the given documents (plug-in estimate).
+    """
+    texts: dict[str, list[str]] = defaultdict(list)
+    for d in docs:
+        texts[d.domain].append(d.text)
+    counts = {
+        dom: torch.bincount(_as_tensor("".join(texts[dom]).encode("utf-8")).long(), minlength=256)
+        for dom in sorted(texts)
+    }
+    if not counts:
+        raise ValueError("unigram_entropy_bits needs at least one document")
+    out = {dom: _entropy_bits(counts[dom]) for dom in sorted(counts)}
+    out["all"] = _entropy_bits(torch.stack(list(counts.values())).sum(0))
+    return out
