@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError
 
 
 def _cmd_train(args) -> int:
@@ -71,10 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Bad settings and bad files are the user's to fix: one line naming what was wrong,
+    # not a traceback. ConfigError is a ValueError.
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:
         print(f"divmoe: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, dump_yaml, to_dict
-from ..data.corpus import load_corpus
+from ..data.corpus import domains, load_corpus
 from ..data.mixture import MixtureSampler, unigram_entropy_bits, validation_set
 from ..diagnostics.load import max_vio
 from ..models import MoETransformer
@@ -151,14 +151,13 @@ def train(out: str | Path, config: RunConfig | None = None, resume: bool = False
     model = MoETransformer(cfg.model, cfg.moe)
     optimizer = build_optimizer(model, cfg)
     train_docs, val_docs = load_corpus("train"), load_corpus("val")
+    unknown = sorted(set(cfg.data.weights or {}) - set(domains()))
+    if unknown:
+        raise ConfigError(f"data.weights has unknown domain {unknown[0]!r}; "
+                          f"allowed domains: {', '.join(domains())}")
     sampler = MixtureSampler(train_docs, cfg.model.seq_len, seed=cfg.train.seed,
                              weights=cfg.data.weights, temperature=cfg.data.temperature)
     val = validation_set(val_docs, cfg.model.seq_len, cfg.data.val_bytes_per_domain)
-    if cfg.data.weights:
-        unknown = sorted(set(cfg.data.weights) - set(sampler.domain_names))
-        if unknown:
-            raise ConfigError(f"data.weights: unknown domain {unknown[0]!r}; "
-                              f"domains: {', '.join(sampler.domain_names)}")
 
     metrics_path = run_dir / "metrics.jsonl"
     state = {"step": 0, "loss_sum": 0.0, "loss_count": 0, "train_time": 0.0, "tokens_seen": 0,
@@ -233,16 +232,16 @@ def train(out: str | Path, config: RunConfig | None = None, resume: bool = False
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             optimizer.step()
             state["step"] += 1
-            state["loss_sum"] += float(ce)
+            state["loss_sum"] += float(ce.detach())
             state["loss_count"] += 1
             state["tokens_seen"] += tokens[:, :-1].numel()
             state["train_time"] += time.perf_counter() - t0
             state["elapsed"] = time.perf_counter() - t_start
             bar.update(1)
-            bar.set_postfix(loss=f"{float(ce):.3f}", refresh=False)
+            bar.set_postfix(loss=f"{state['loss_sum'] / state['loss_count']:.3f}", refresh=False)
             if state["step"] % cfg.train.eval_every == 0 or state["step"] == steps:
                 row = run_eval()
-                bar.set_postfix(loss=f"{float(ce):.3f}", val_bpb=f"{row['val_bpb']:.3f}")
+                bar.set_postfix(val_bpb=f"{row['val_bpb']:.3f}")
     except KeyboardInterrupt:
         interrupted = True
         checkpoint()  # nothing lost: the running-loss state is in the checkpoint too
