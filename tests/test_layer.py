@@ -207,3 +207,30 @@ def test_bad_config_raises(kw, match):
 def test_leading_dims_preserved():
     moe = MoE(8, num_experts=4, top_k=2)
     assert moe(torch.randn(2, 3, 4, 8)).output.shape == (2, 3, 4, 8)
+
+
+def test_loss_free_bias_moves_selection_not_weights():
+    torch.manual_seed(8)
+    moe = MoE(8, num_experts=4, top_k=1, balance=["loss_free_bias"], bias_update_rate=0.1,
+              renormalize=False)
+    force_expert(moe, 0)
+    x = torch.rand(64, 8) + 0.1
+    moe(x)
+    moe.update_balancers()
+    bias = moe.selection_bias_E.clone()
+    assert bias[0] < 0 and (bias[1:] > 0).all()  # overloaded expert made less attractive
+    # The combine weight of a token is its *unbiased* score of the chosen expert.
+    with torch.no_grad():
+        moe.selection_bias_E.copy_(torch.tensor([-100.0, 100.0, 0.0, 0.0]))
+    plan = moe.router(x, selection_bias_E=moe.selection_bias_E)
+    assert (plan.expert_ids_TK[:, 0] == 1).all()
+    scores = moe.router.gate(x).softmax(-1)
+    torch.testing.assert_close(plan.weights_TK[:, 0], scores[:, 1])
+    assert "selection_bias_E" in moe.state_dict()
+
+
+def test_shared_expert_gate():
+    torch.manual_seed(9)
+    fast, ref = pair(8, num_experts=4, top_k=2, num_shared_experts=1, shared_expert_gate=True)
+    fast.double(), ref.double()
+    assert_same_forward_backward(fast, ref, torch.randn(10, 8, dtype=torch.float64), 1e-10, 1e-10)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .balance import BALANCE_LOSSES
+from .balance import BALANCE_LOSSES, BALANCERS, update_selection_bias
 from .config import ConfigError, option, validate
 from .diagnostics.load import max_vio
 from .dispatch import DISPATCHERS
@@ -40,9 +40,11 @@ class MoEConfig:
     routed_scaling: float = option(1.0, min=0.0, min_exclusive=True, help="scale on routed weights")
     jitter: float = option(0.0, min=0.0, max=1.0, help="multiplicative router input noise at train time")
     balance: list[str] = option(default_factory=lambda: ["aux_loss", "z_loss"],
-                                items=sorted(BALANCE_LOSSES), help="balancing losses to add")
+                                items=BALANCERS, help="balancing losses and controllers")
     aux_loss_weight: float = option(0.01, min=0.0, help="α of aux_loss")
     z_loss_weight: float = option(0.001, min=0.0, help="weight of z_loss")
+    bias_update_rate: float = option(1e-3, min=0.0, help="u of loss_free_bias (per optimizer step)")
+    shared_expert_gate: bool = option(False, help="scale shared experts by sigmoid(x·w) (Qwen2-MoE)")
     dispatch: str = option("grouped", choices=sorted(DISPATCHERS),
                            help="grouped = fast path; reference = loop over experts")
 
@@ -107,29 +109,46 @@ class MoE(nn.Module):
         validate(config, "moe.")
         self.config, self.d_model = config, d_model
         c = config
-        self.router = ROUTERS[c.router](d_model, c.num_experts, c.top_k, score_func=c.score_func,
-                                        renormalize=c.renormalize, n_groups=c.n_groups,
-                                        topk_groups=c.topk_groups, routed_scaling=c.routed_scaling,
-                                        jitter=c.jitter)
+        self.router = ROUTERS[c.router](d_model, c)
         self.experts = StackedSwiGLU(c.num_experts, d_model, c.expert_hidden)
         self.shared = SwiGLU(d_model, c.num_shared_experts * c.expert_hidden) \
             if c.num_shared_experts else None
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) \
+            if c.num_shared_experts and c.shared_expert_gate else None
         self._dispatch = DISPATCHERS[c.dispatch]
-        self._losses = {name: (BALANCE_LOSSES[name], getattr(c, f"{name}_weight")) for name in c.balance}
+        self._losses = {name: (BALANCE_LOSSES[name], getattr(c, f"{name}_weight"))
+                        for name in c.balance if name in BALANCE_LOSSES}
+        # Selection-only bias (loss-free balancing; DeepSeek-V3's e_score_correction_bias).
+        # A buffer, so it is saved and restored with the model.
+        self.register_buffer("selection_bias_E", torch.zeros(c.num_experts))
+        self.register_buffer("_load_since_update_E", torch.zeros(c.num_experts), persistent=False)
+
+    @torch.no_grad()
+    def update_balancers(self) -> None:
+        """Apply controller updates from the load routed since the last call (call after each
+        optimizer step)."""
+        if "loss_free_bias" in self.config.balance and self._load_since_update_E.sum() > 0:
+            update_selection_bias(self.selection_bias_E, self._load_since_update_E,
+                                  self.config.bias_update_rate)
+        self._load_since_update_E.zero_()
 
     def active_params_per_token(self) -> int:
         """Parameters a token touches: router + k routed experts + shared experts."""
         n = self.router.gate.weight.numel() + self.config.top_k * self.experts.params_per_expert()
-        if self.shared is not None:
-            n += sum(p.numel() for p in self.shared.parameters())
+        for extra in (self.shared, self.shared_gate):
+            if extra is not None:
+                n += sum(p.numel() for p in extra.parameters())
         return n
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         x_TD = self._check_input(x)
-        plan = self.router(x_TD)
+        plan = self.router(x_TD, selection_bias_E=self.selection_bias_E)
         out_TD = self._dispatch(x_TD, plan, self.experts)
         if self.shared is not None:
-            out_TD = out_TD + self.shared(x_TD)
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            out_TD = out_TD + shared_TD
 
         aux = x_TD.new_zeros((), dtype=torch.float32)
         losses = {}
@@ -141,6 +160,8 @@ class MoE(nn.Module):
             losses[name] = float(value.detach())
             aux = aux + weight * value
         stats = self._stats(plan, losses)
+        if self.training:
+            self._load_since_update_E += stats.tokens_per_expert.to(self._load_since_update_E.dtype)
         return MoEOutput(out_TD.view(x.shape), aux, stats)
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:

@@ -136,6 +136,12 @@ class MoETransformer(nn.Module):
         logits = F.linear(self.norm(x), self.embed.weight)
         return logits, aux, stats
 
+    def update_balancers(self) -> None:
+        """Advance every MoE layer's balancing controllers; call after each optimizer step."""
+        for b in self.blocks:
+            if b.is_moe:
+                b.mlp.update_balancers()
+
     def param_counts(self) -> dict:
         """Total parameters, and parameters active for one token."""
         total = sum(p.numel() for p in self.parameters())

@@ -25,18 +25,17 @@ class TopKRouter(nn.Module):
     per token (DeepSeek-V3's sequence-wise balance loss uses the same normalisation).
     """
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, score_func: str = "softmax",
-                 renormalize: bool = True, n_groups: int = 1, topk_groups: int = 1,
-                 routed_scaling: float = 1.0, jitter: float = 0.0):
+    def __init__(self, d_model: int, cfg):
         super().__init__()
-        self.num_experts, self.top_k = num_experts, top_k
-        self.score_func, self.renormalize = score_func, renormalize
-        self.n_groups, self.topk_groups = n_groups, topk_groups
-        self.routed_scaling, self.jitter = routed_scaling, jitter
-        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
+        self.score_func, self.renormalize = cfg.score_func, cfg.renormalize
+        self.n_groups, self.topk_groups = cfg.n_groups, cfg.topk_groups
+        self.routed_scaling, self.jitter = cfg.routed_scaling, cfg.jitter
+        self.gate = nn.Linear(d_model, cfg.num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=d_model ** -0.5)
 
-    def forward(self, x_TD: torch.Tensor, selection_bias_E: torch.Tensor | None = None) -> RoutingPlan:
+    def forward(self, x_TD: torch.Tensor, selection_bias_E: torch.Tensor | None = None,
+                token_ids_T: torch.Tensor | None = None) -> RoutingPlan:
         if self.training and self.jitter > 0:
             noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             x_TD = x_TD * noise

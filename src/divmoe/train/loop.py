@@ -231,6 +231,7 @@ def train(out: str | Path, config: RunConfig | None = None, resume: bool = False
             if cfg.train.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             optimizer.step()
+            model.update_balancers()
             state["step"] += 1
             state["loss_sum"] += float(ce.detach())
             state["loss_count"] += 1
