@@ -140,9 +140,15 @@ class MoE(nn.Module):
                 n += sum(p.numel() for p in extra.parameters())
         return n
 
-    def forward(self, x: torch.Tensor) -> MoEOutput:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> MoEOutput:
+        """``token_ids`` (shape ``x.shape[:-1]``) is needed only by routers that route on ids."""
         x_TD = self._check_input(x)
-        plan = self.router(x_TD, selection_bias_E=self.selection_bias_E)
+        if token_ids is not None:
+            if tuple(token_ids.shape) != tuple(x.shape[:-1]):
+                raise ValueError(f"token_ids shape {tuple(token_ids.shape)} must equal the input's "
+                                 f"leading shape {tuple(x.shape[:-1])}")
+            token_ids = token_ids.reshape(-1)
+        plan = self.router(x_TD, selection_bias_E=self.selection_bias_E, token_ids_T=token_ids)
         out_TD = self._dispatch(x_TD, plan, self.experts)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)

@@ -83,11 +83,11 @@ class Block(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoE)
 
-    def forward(self, x, rope):
+    def forward(self, x, rope, tokens):
         x = x + self.attn(self.norm1(x), rope)
         h = self.norm2(x)
         if self.is_moe:
-            out = self.mlp(h)
+            out = self.mlp(h, token_ids=tokens)
             return x + out.output, out.aux_loss, out.stats
         return x + self.mlp(h), None, None
 
@@ -129,7 +129,7 @@ class MoETransformer(nn.Module):
         aux = x.new_zeros(())
         stats: list[RoutingStats] = []
         for block in self.blocks:
-            x, block_aux, block_stats = block(x, (self.rope_cos, self.rope_sin))
+            x, block_aux, block_stats = block(x, (self.rope_cos, self.rope_sin), tokens_BS)
             if block_stats is not None:
                 aux = aux + block_aux
                 stats.append(block_stats)
