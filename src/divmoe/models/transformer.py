@@ -25,7 +25,7 @@ class ModelConfig:
     d_model: int = option(128, min=1, help="model width")
     n_layers: int = option(4, min=1, help="transformer blocks")
     n_heads: int = option(4, min=1, help="attention heads (must divide d_model)")
-    seq_len: int = option(256, min=1, help="context length in tokens")
+    seq_len: int = option(128, min=1, help="context length in tokens")
     moe: bool = option(True, help="MoE MLPs; false = dense baseline with equal active params")
     moe_every: int = option(1, min=1, help="every n-th block has an MoE MLP (the rest dense)")
 

@@ -23,14 +23,14 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = option(600, min=1, help="optimizer steps")
-    batch_size: int = option(16, min=1, help="sequences per step")
+    steps: int = option(400, min=1, help="optimizer steps")
+    batch_size: int = option(32, min=1, help="sequences per step")
     lr: float = option(3e-3, min=0.0, min_exclusive=True, help="peak learning rate")
     min_lr_ratio: float = option(0.1, min=0.0, max=1.0, help="final lr as a fraction of peak (cosine)")
     warmup_steps: int = option(30, min=0, help="linear warmup steps")
     weight_decay: float = option(0.1, min=0.0, help="AdamW weight decay on matrices")
     grad_clip: float = option(1.0, min=0.0, help="global grad-norm clip (0 = off)")
-    eval_every: int = option(100, min=1, help="evaluate + checkpoint every n steps")
+    eval_every: int = option(80, min=1, help="evaluate + checkpoint every n steps")
     eval_batch_size: int = option(32, min=1, help="sequences per validation batch")
     seed: int = option(0, min=0, help="seed for weights and data order")
     threads: int = option(0, min=0, help="torch CPU threads (0 = torch default)")
