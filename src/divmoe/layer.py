@@ -35,7 +35,7 @@ class MoEConfig:
     router: str = option("topk", choices=sorted(ROUTERS), help="routing algorithm")
     score_func: str = option("softmax", choices=["softmax", "sigmoid"], help="router score function")
     renormalize: bool = option(True, help="renormalise the k selected weights to sum to 1")
-    n_groups: int = option(1, min=1, help="expert groups for group-limited routing (DeepSeek-V3)")
+    n_groups: int = option(1, min=1, help="expert groups: group-limited topk (DeepSeek-V3); router=grouped (MoGE)")
     topk_groups: int = option(1, min=1, help="groups each token may select from")
     routed_scaling: float = option(1.0, min=0.0, min_exclusive=True, help="scale on routed weights")
     jitter: float = option(0.0, min=0.0, max=1.0, help="multiplicative router input noise at train time")
@@ -45,23 +45,69 @@ class MoEConfig:
     z_loss_weight: float = option(0.001, min=0.0, help="weight of z_loss")
     bias_update_rate: float = option(1e-3, min=0.0, help="u of loss_free_bias (per optimizer step)")
     shared_expert_gate: bool = option(False, help="scale shared experts by sigmoid(x·w) (Qwen2-MoE)")
+    capacity_factor: float = option(1.0, min=0.0, min_exclusive=True,
+                                    help="expert_choice: C = round(capacity_factor·T·top_k/E) tokens per expert")
+    top_p: float = option(0.5, min=0.0, max=1.0, min_exclusive=True,
+                          help="dynamic_topp: add experts until their cumulative probability >= top_p "
+                               "(top_k caps the count)")
+    num_null_experts: int = option(0, min=0, help="null_experts: null (zero, no-FLOP) experts N "
+                                                  "added to the gate (AdaMoE); needs >= 1")
+    null_target: float = option(0.0, min=0.0, max=1.0,
+                                help="null_experts: target share of slots on null experts for "
+                                     "null_usage (0 = N/(E+N), AdaMoE's choice)")
+    null_usage_weight: float = option(0.01, min=0.0, help="weight of null_usage (router=null_experts)")
+    sinkhorn_iters: int = option(20, min=1, help="sinkhorn: maximum Sinkhorn iterations")
+    sinkhorn_tol: float = option(1e-3, min=0.0, help="sinkhorn: stop when every column sum is "
+                                                     "within this relative tolerance of T/E")
+    router_dim: int = option(16, min=1, help="hypersphere: dimension of the routing projection")
+    router_temperature: float = option(0.07, min=0.0, min_exclusive=True,
+                                       help="hypersphere: cosine scores are divided by this")
     dispatch: str = option("grouped", choices=sorted(DISPATCHERS),
                            help="grouped = fast path; reference = loop over experts")
 
     def check(self, prefix: str = "") -> None:
-        if self.top_k > self.num_experts:
+        # null_experts chooses k among E real + N null experts.
+        max_k = self.num_experts + (self.num_null_experts if self.router == "null_experts" else 0)
+        if self.top_k > max_k:
             raise ConfigError(f"{prefix}top_k={self.top_k} is not allowed: must be <= "
-                              f"{prefix}num_experts={self.num_experts}")
+                              f"{prefix}num_experts={self.num_experts}"
+                              + (f" + {prefix}num_null_experts={self.num_null_experts}"
+                                 if self.router == "null_experts" else ""))
         if self.num_experts % self.n_groups:
             raise ConfigError(f"{prefix}n_groups={self.n_groups} is not allowed: must divide "
                               f"{prefix}num_experts={self.num_experts}")
         if self.topk_groups > self.n_groups:
             raise ConfigError(f"{prefix}topk_groups={self.topk_groups} is not allowed: must be <= "
                               f"{prefix}n_groups={self.n_groups}")
-        if self.n_groups > 1 and self.top_k > self.topk_groups * (self.num_experts // self.n_groups):
+        if self.router == "topk" and self.n_groups > 1 and self.top_k > self.topk_groups * (self.num_experts // self.n_groups):
             raise ConfigError(f"{prefix}top_k={self.top_k} is not allowed: the {self.topk_groups} "
                               f"selected groups hold only "
                               f"{self.topk_groups * (self.num_experts // self.n_groups)} experts")
+        self._check_router(prefix)
+
+    def _check_router(self, prefix: str) -> None:
+        """Cross-field checks of the router-specific settings."""
+        p, r = prefix, self.router
+        if self.score_func != "softmax" and r != "topk":
+            raise ConfigError(f"{p}score_func={self.score_func!r} is not allowed with "
+                              f"{p}router={r!r}: only router=topk supports sigmoid scores")
+        if "loss_free_bias" in self.balance and not getattr(ROUTERS[r], "uses_selection_bias", True):
+            ok = sorted(n for n, c in ROUTERS.items() if getattr(c, "uses_selection_bias", True))
+            raise ConfigError(f"{p}balance={self.balance!r} is not allowed with {p}router={r!r}: "
+                              f"loss_free_bias needs a router that selects with a bias "
+                              f"({', '.join(ok)})")
+        if "null_usage" in self.balance and r != "null_experts":
+            raise ConfigError(f"{p}balance={self.balance!r} is not allowed with {p}router={r!r}: "
+                              f"null_usage needs router=null_experts")
+        if r == "null_experts" and self.num_null_experts < 1:
+            raise ConfigError(f"{p}num_null_experts={self.num_null_experts} is not allowed with "
+                              f"{p}router='null_experts': must be >= 1")
+        if self.null_target >= 1.0:
+            raise ConfigError(f"{p}null_target={self.null_target} is not allowed: must be < 1")
+        if r == "grouped" and self.top_k % self.n_groups:
+            raise ConfigError(f"{p}top_k={self.top_k} is not allowed with {p}router='grouped': "
+                              f"must be divisible by {p}n_groups={self.n_groups} (every group "
+                              f"gives each token top_k/n_groups experts)")
 
 
 @dataclass
@@ -75,6 +121,7 @@ class RoutingStats:
     num_tokens: int
     losses: dict                      # name → unweighted loss value (float)
     expert_ids: torch.Tensor          # [T, K] int64 chosen experts (−1 = empty slot)
+    null_slots: int = 0               # slots that chose a null expert (router=null_experts; not drops)
 
 
 class MoEOutput(NamedTuple):
@@ -134,7 +181,7 @@ class MoE(nn.Module):
 
     def active_params_per_token(self) -> int:
         """Parameters a token touches: router + k routed experts + shared experts."""
-        n = self.router.gate.weight.numel() + self.config.top_k * self.experts.params_per_expert()
+        n = sum(p.numel() for p in self.router.parameters()) + self.config.top_k * self.experts.params_per_expert()
         for extra in (self.shared, self.shared_gate):
             if extra is not None:
                 n += sum(p.numel() for p in extra.parameters())
@@ -198,4 +245,5 @@ class MoE(nn.Module):
             num_tokens=plan.num_tokens,
             losses=losses,
             expert_ids=plan.expert_ids_TK.detach(),
+            null_slots=plan.num_null_slots,
         )

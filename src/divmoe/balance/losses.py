@@ -31,3 +31,8 @@ def z_loss(plan: RoutingPlan) -> torch.Tensor:
 
 
 BALANCE_LOSSES = {"aux_loss": aux_loss, "z_loss": z_loss}
+
+# AdaMoE null-expert usage (router=null_experts); defined next to its router.
+from ..routing.null_experts import null_usage_loss  # noqa: E402
+
+BALANCE_LOSSES["null_usage"] = null_usage_loss

@@ -19,12 +19,22 @@ class RoutingPlan:
     - ``weights_TK``: combine weight of each slot (differentiable; 0 for empty slots).
     - ``probs_TE``: router probabilities used by balancing losses (rows sum to 1).
     - ``logits_TE``: raw router logits (for z-loss).
+    - ``null_slots_TK`` (optional, bool): slots that chose a *null expert* (AdaMoE). They
+      hold id ``-1`` like an empty slot (no expert FLOPs) but are a routing decision, not
+      a drop: :attr:`dropped_slots` excludes them and :attr:`num_null_slots` counts them.
+    - ``null_prob_T`` (optional): each token's total router probability on null experts,
+      over the full E + N softmax (differentiable; for the ``null_usage`` loss). The
+      full-softmax probability of real expert e is ``probs_TE[:, e] * (1 - null_prob_T)``.
+    - ``null_target`` (optional): the share of slots the null experts should get on average.
     """
 
     expert_ids_TK: torch.Tensor
     weights_TK: torch.Tensor
     probs_TE: torch.Tensor
     logits_TE: torch.Tensor
+    null_slots_TK: torch.Tensor | None = None
+    null_prob_T: torch.Tensor | None = None
+    null_target: float | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -36,7 +46,15 @@ class RoutingPlan:
 
     @property
     def dropped_slots(self) -> torch.Tensor:
-        return (self.expert_ids_TK < 0).sum()
+        """Empty slots that are not null-expert choices."""
+        empty_TK = self.expert_ids_TK < 0
+        if self.null_slots_TK is not None:
+            empty_TK = empty_TK & ~self.null_slots_TK
+        return empty_TK.sum()
+
+    @property
+    def num_null_slots(self) -> int:
+        return 0 if self.null_slots_TK is None else int(self.null_slots_TK.sum())
 
     def tokens_per_expert(self) -> torch.Tensor:
         """Routed slot count per expert, [E] int64 (empty slots excluded)."""

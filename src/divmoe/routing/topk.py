@@ -25,6 +25,8 @@ class TopKRouter(nn.Module):
     per token (DeepSeek-V3's sequence-wise balance loss uses the same normalisation).
     """
 
+    uses_selection_bias = True
+
     def __init__(self, d_model: int, cfg):
         super().__init__()
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k

@@ -1,0 +1,30 @@
+"""Small helpers shared by the routers."""
+
+from __future__ import annotations
+
+import torch
+
+
+def require_zero_bias(router: str, selection_bias_E: torch.Tensor | None) -> None:
+    """Routers that cannot use a selection bias accept only an all-zero one."""
+    if selection_bias_E is not None and bool((selection_bias_E != 0).any()):
+        raise ValueError(f"router={router} cannot use selection_bias_E (loss-free balancing); "
+                         f"got a non-zero bias. Use a router that supports it (topk, grouped, "
+                         f"null_experts, hypersphere) or remove loss_free_bias from moe.balance")
+
+
+def finish_weights(weights_TK: torch.Tensor, mask_TK: torch.Tensor | None, renormalize: bool,
+                   scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """Zero empty slots, optionally renormalise each token's weights to sum to 1, scale."""
+    if mask_TK is not None:
+        weights_TK = weights_TK.masked_fill(~mask_TK, 0.0)
+    if renormalize:
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    return (weights_TK * scaling).to(dtype)
+
+
+def jittered(x_TD: torch.Tensor, jitter: float, training: bool) -> torch.Tensor:
+    """Multiplicative uniform input noise at train time (Switch Transformer)."""
+    if training and jitter > 0:
+        return x_TD * torch.empty_like(x_TD).uniform_(1.0 - jitter, 1.0 + jitter)
+    return x_TD

@@ -1,0 +1,66 @@
+"""Expert-choice routing (Zhou et al., 2022, "Mixture-of-Experts with Expert Choice Routing").
+
+Definition implemented: S_TE = softmax(x_TD W_DE) over experts; every expert e takes the
+C tokens with the largest S[:, e] (top-C down the token axis), with capacity
+C = round(capacity_factor · T · top_k / E), clamped to [1, T]. A token may be taken by
+0..E experts; its combine weight for expert e is S[t, e] (the paper's G = S at the
+chosen positions, no renormalisation: ``renormalize`` is not applied). The plan pads each
+token's experts to K = the largest number any token got, with −1; tokens no expert took
+have only empty slots (counted as dropped slots).
+
+Each expert's load is exactly C by construction, so no balancing loss is needed. Note
+that selection looks at all T tokens of the batch at once, so in a causal LM a token's
+routing depends on other (including later) tokens. ``selection_bias_E`` cannot change a
+per-expert ranking of tokens, so only an all-zero bias is accepted.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._common import jittered, require_zero_bias
+from .plan import RoutingPlan
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """C = round(capacity_factor · T · k / E), at least 1 and at most T (0 when T = 0)."""
+    if num_tokens == 0:
+        return 0
+    c = int(round(capacity_factor * num_tokens * top_k / num_experts))
+    return max(1, min(num_tokens, c))
+
+
+class ExpertChoiceRouter(nn.Module):
+    uses_selection_bias = False
+
+    def __init__(self, d_model: int, cfg):
+        super().__init__()
+        self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
+        self.capacity_factor = cfg.capacity_factor
+        self.routed_scaling, self.jitter = cfg.routed_scaling, cfg.jitter
+        self.gate = nn.Linear(d_model, cfg.num_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=d_model ** -0.5)
+
+    def forward(self, x_TD: torch.Tensor, selection_bias_E: torch.Tensor | None = None,
+                token_ids_T: torch.Tensor | None = None) -> RoutingPlan:
+        require_zero_bias("expert_choice", selection_bias_E)
+        T, E = x_TD.shape[0], self.num_experts
+        logits_TE = self.gate(jittered(x_TD, self.jitter, self.training))
+        scores_TE = logits_TE.float().softmax(dim=-1)
+        C = expert_capacity(T, E, self.top_k, self.capacity_factor)
+
+        # Each expert picks its top-C tokens: token_CE[c, e] is the c-th token of expert e.
+        token_CE = scores_TE.detach().topk(C, dim=0).indices
+        taken_TE = torch.zeros(T, E, dtype=torch.bool, device=x_TD.device)
+        taken_TE.scatter_(0, token_CE, True)
+
+        # Per token, list the experts that took it (best score first), padded with −1.
+        K = max(1, int(taken_TE.sum(dim=1).max())) if T else 1
+        order_TE = scores_TE.detach().masked_fill(~taken_TE, float("-inf"))
+        expert_ids_TK = order_TE.topk(K, dim=-1).indices
+        filled_TK = taken_TE.gather(1, expert_ids_TK)
+        weights_TK = scores_TE.gather(1, expert_ids_TK).masked_fill(~filled_TK, 0.0)
+        weights_TK = (weights_TK * self.routed_scaling).to(x_TD.dtype)
+        expert_ids_TK = expert_ids_TK.masked_fill(~filled_TK, -1)
+        return RoutingPlan(expert_ids_TK, weights_TK, scores_TE, logits_TE)
