@@ -12,7 +12,7 @@ Forward pass for x[..., D] (T = number of tokens after flattening the leading di
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from .balance import BALANCE_LOSSES, BALANCERS, update_selection_bias
 from .config import ConfigError, option, validate
 from .diagnostics.load import max_vio
 from .dispatch import DISPATCHERS
-from .experts import StackedSwiGLU
+from .experts import EXPERT_LAYOUTS, StackedSwiGLU, activated_params
 from .routing import ROUTERS
 
 
@@ -31,6 +31,12 @@ class MoEConfig:
     num_experts: int = option(8, min=1, help="routed experts E")
     top_k: int = option(2, min=1, help="experts per token k")
     expert_hidden: int = option(128, min=1, help="hidden width of each routed expert")
+    expert_layout: str = option("swiglu", choices=sorted(EXPERT_LAYOUTS),
+                                help="swiglu = independent SwiGLU experts; lora = low-rank "
+                                     "adapters over one frozen dense SwiGLU (LoRAMoE/MoLA)")
+    expert_widths: Optional[list[int]] = option(None, help="per-expert hidden widths (HMoE; "
+                                                "length num_experts; overrides expert_hidden)")
+    lora_rank: int = option(8, min=1, help="adapter rank of lora experts")
     num_shared_experts: int = option(0, min=0, help="shared experts every token passes through")
     router: str = option("topk", choices=sorted(ROUTERS), help="routing algorithm")
     score_func: str = option("softmax", choices=["softmax", "sigmoid"], help="router score function")
@@ -66,6 +72,18 @@ class MoEConfig:
                            help="grouped = fast path; reference = loop over experts")
 
     def check(self, prefix: str = "") -> None:
+        if self.expert_widths is not None:
+            if len(self.expert_widths) != self.num_experts:
+                raise ConfigError(f"{prefix}expert_widths={self.expert_widths} is not allowed: "
+                                  f"needs one width per expert, {prefix}num_experts="
+                                  f"{self.num_experts}, got {len(self.expert_widths)}")
+            if min(self.expert_widths) < 1:
+                raise ConfigError(f"{prefix}expert_widths={self.expert_widths} is not allowed: "
+                                  f"every width must be an int >= 1")
+            if self.expert_layout != "swiglu":
+                raise ConfigError(f"{prefix}expert_widths={self.expert_widths} is not allowed "
+                                  f"with {prefix}expert_layout={self.expert_layout!r}: only the "
+                                  f"'swiglu' layout has per-expert widths (or set it to null)")
         # null_experts chooses k among E real + N null experts.
         max_k = self.num_experts + (self.num_null_experts if self.router == "null_experts" else 0)
         if self.top_k > max_k:
@@ -121,6 +139,8 @@ class RoutingStats:
     num_tokens: int
     losses: dict                      # name → unweighted loss value (float)
     expert_ids: torch.Tensor          # [T, K] int64 chosen experts (−1 = empty slot)
+    activated_params_mean: float = 0.0  # mean over tokens of the parameters each touched
+    activated_params_T: Optional[torch.Tensor] = None  # [T] int64, per token (null slots: 0)
     null_slots: int = 0               # slots that chose a null expert (router=null_experts; not drops)
 
 
@@ -157,7 +177,7 @@ class MoE(nn.Module):
         self.config, self.d_model = config, d_model
         c = config
         self.router = ROUTERS[c.router](d_model, c)
-        self.experts = StackedSwiGLU(c.num_experts, d_model, c.expert_hidden)
+        self.experts = EXPERT_LAYOUTS[c.expert_layout](d_model, c)
         self.shared = SwiGLU(d_model, c.num_shared_experts * c.expert_hidden) \
             if c.num_shared_experts else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False) \
@@ -180,12 +200,21 @@ class MoE(nn.Module):
         self._load_since_update_E.zero_()
 
     def active_params_per_token(self) -> int:
-        """Parameters a token touches: router + k routed experts + shared experts."""
-        n = sum(p.numel() for p in self.router.parameters()) + self.config.top_k * self.experts.params_per_expert()
-        for extra in (self.shared, self.shared_gate):
-            if extra is not None:
-                n += sum(p.numel() for p in extra.parameters())
-        return n
+        """Parameters a token touches: router + k routed experts + shared experts (+ the frozen
+        base of LoRA experts). Unequal experts (HMoE) count at their mean size, the expectation
+        under uniform routing; ``RoutingStats.activated_params_mean`` measures the real value."""
+        sizes = self.experts.expert_sizes()
+        fixed = self._param_accounting()
+        return int(round(fixed["shared_params"] + fixed["router_params"] + fixed["base_params"]
+                         + self.config.top_k * sum(sizes) / len(sizes)))
+
+    def _param_accounting(self) -> dict:
+        """Parameter counts besides the routed experts, for :func:`activated_params`."""
+        shared = sum(p.numel() for m in (self.shared, self.shared_gate) if m is not None
+                     for p in m.parameters())
+        base = self.experts.base_params() if hasattr(self.experts, "base_params") else 0
+        return {"shared_params": shared, "base_params": base,
+                "router_params": sum(p.numel() for p in self.router.parameters())}
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> MoEOutput:
         """``token_ids`` (shape ``x.shape[:-1]``) is needed only by routers that route on ids."""
@@ -236,6 +265,8 @@ class MoE(nn.Module):
     @torch.no_grad()
     def _stats(self, plan, losses: dict) -> RoutingStats:
         counts_E = plan.tokens_per_expert()
+        act_mean, act_T = activated_params(plan, self.experts.expert_sizes(),
+                                           **self._param_accounting())
         return RoutingStats(
             tokens_per_expert=counts_E,
             mean_prob=plan.probs_TE.detach().float().mean(0) if plan.num_tokens else
@@ -245,5 +276,7 @@ class MoE(nn.Module):
             num_tokens=plan.num_tokens,
             losses=losses,
             expert_ids=plan.expert_ids_TK.detach(),
+            activated_params_mean=act_mean,
+            activated_params_T=act_T,
             null_slots=plan.num_null_slots,
         )

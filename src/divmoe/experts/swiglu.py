@@ -31,6 +31,10 @@ class StackedSwiGLU(nn.Module):
     def params_per_expert(self) -> int:
         return 3 * self.d_model * self.hidden
 
+    def expert_sizes(self) -> list[int]:
+        """Parameters of each expert."""
+        return [self.params_per_expert()] * self.num_experts
+
     def expert(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` on its tokens: the plain form the reference path uses."""
         gate, up = (x_ND @ self.w_in_EDH2[e]).chunk(2, dim=-1)

@@ -1,0 +1,44 @@
+"""Activated-parameter accounting: the parameters each token actually touched.
+
+A token touches the router, the shared experts, and each *distinct* real expert it was
+routed to. Empty slots (expert id −1: null experts, dropped slots, routers that chose fewer
+than K) touch nothing and count zero — null experts "do nothing and cost nothing". A token
+routed twice to the same expert touches that expert's parameters once. Layouts with a base
+shared by all experts (LoRA experts over a frozen MLP) pass ``base_params``: counted for each
+token that reached at least one real expert.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def activated_params(plan, expert_sizes: Sequence[int] | torch.Tensor, shared_params: int = 0,
+                     router_params: int = 0, base_params: int = 0
+                     ) -> tuple[float, torch.Tensor]:
+    """``(mean, per_token_T)``: activated parameters per token ([T] int64) and their mean.
+
+    ``plan`` is a RoutingPlan or an ``expert_ids_TK`` tensor (−1 = empty slot).
+    """
+    ids_TK = plan if isinstance(plan, torch.Tensor) else plan.expert_ids_TK
+    ids_TK = ids_TK.detach()
+    if ids_TK.dim() == 1:
+        ids_TK = ids_TK.unsqueeze(-1)
+    sizes_E = torch.as_tensor(expert_sizes, dtype=torch.int64, device=ids_TK.device)
+    E = sizes_E.numel()
+    if ids_TK.numel() and (int(ids_TK.max()) >= E or int(ids_TK.min()) < -1):
+        raise ValueError(f"expert ids must be in [-1, {E}) for {E} expert sizes, got "
+                         f"[{int(ids_TK.min())}, {int(ids_TK.max())}]")
+    T = ids_TK.shape[0]
+    ids_sorted, _ = ids_TK.sort(dim=-1)
+    first = torch.ones_like(ids_sorted, dtype=torch.bool)
+    first[:, 1:] = ids_sorted[:, 1:] != ids_sorted[:, :-1]          # count each expert once
+    real = (ids_sorted >= 0) & first
+    per_slot = torch.where(real, sizes_E[ids_sorted.clamp(min=0)], torch.zeros_like(ids_sorted))
+    per_token_T = per_slot.sum(-1) + int(shared_params) + int(router_params)
+    if base_params:
+        per_token_T = per_token_T + int(base_params) * (ids_TK >= 0).any(-1).to(torch.int64)
+    mean = float(per_token_T.double().mean()) if T else 0.0
+    return mean, per_token_T
