@@ -27,6 +27,7 @@ ROUTER_KW = {
     "sinkhorn": dict(num_experts=6, top_k=2, sinkhorn_iters=50, sinkhorn_tol=1e-6),
     "hash": dict(num_experts=6, top_k=2),
     "hypersphere": dict(num_experts=6, top_k=2, router_dim=5, router_temperature=0.5),
+    "dselect_k": dict(num_experts=6, top_k=2, dselect_gamma=1.0),
 }
 LEARNABLE = [r for r in ROUTER_KW if r != "hash"]
 
@@ -108,6 +109,7 @@ def test_single_token(router):
     ("expert_choice", dict(top_k=1)), ("dynamic_topp", dict(top_k=1)),
     ("null_experts", dict(top_k=1, num_null_experts=1)), ("grouped", dict(top_k=1, n_groups=1)),
     ("sinkhorn", dict(top_k=1)), ("hash", dict(top_k=1)), ("hypersphere", dict(top_k=1)),
+    ("dselect_k", dict(top_k=1)),
 ])
 def test_one_expert(router, kw):
     torch.manual_seed(3)
@@ -339,15 +341,48 @@ def test_hypersphere_scores_are_scaled_cosines():
     e = moe.router.expert_emb_Er
     cos = torch.nn.functional.cosine_similarity(h[:, None, :], e[None, :, :], dim=-1)
     torch.testing.assert_close(plan.logits_TE, cos / 0.25)
-    assert float(plan.logits_TE.abs().max()) <= 4.0 + 1e-5
+    assert float(plan.logits_TE.detach().abs().max()) <= 4.0 + 1e-5
     assert torch.equal(plan.expert_ids_TK.sort(1).values, cos.topk(2, -1).indices.sort(1).values)
     # Scale-invariant in x (the projection is normalised).
     torch.testing.assert_close(moe.router(3 * x).logits_TE, plan.logits_TE)
 
 
+# ---------------------------------------------------------------- dselect_k
+
+def test_dselect_k_weights_match_binary_encoding_and_sparsify():
+    from divmoe.routing.dselect_k import smooth_step
+    torch.manual_seed(14)
+    E, k, gamma = 5, 2, 1.0  # 3 bits, codes 5..7 fold onto experts 0..2
+    moe = MoE(8, router="dselect_k", num_experts=E, top_k=k, dselect_gamma=gamma)
+    r = moe.router
+    x = torch.randn(12, 8)
+    plan = r(x)
+    torch.testing.assert_close(plan.probs_TE.sum(-1), torch.ones(12))
+    s = smooth_step(r.selector_logits(x).detach().view(12, k, 3), gamma)
+    alpha = r.selector_weights(x).softmax(-1)
+    expected = torch.zeros(12, E)
+    for t in range(12):
+        for i in range(k):
+            rc = [math.prod(float(s[t, i, b]) if (c >> b) & 1 else 1 - float(s[t, i, b])
+                            for b in range(3)) for c in range(8)]
+            ri = torch.tensor([rc[e] + (rc[e + E] if e + E < 8 else 0.0) for e in range(E)])
+            assert math.isclose(float(ri.sum()), 1.0, rel_tol=1e-5)
+            expected[t] += alpha[t, i] * ri
+    torch.testing.assert_close(plan.probs_TE, expected)
+    assert plan.expert_ids_TK.shape[1] == E  # dense at initialisation, as in the paper
+    with torch.no_grad():  # saturated selectors: each is one-hot, so at most k experts
+        r.selector_logits.weight.mul_(1e4)
+    plan = r(x)
+    assert ((plan.expert_ids_TK >= 0).sum(1) <= k).all() and plan.expert_ids_TK.shape[1] <= k
+    torch.testing.assert_close(plan.weights_TK.sum(-1), torch.ones(12))
+    assert float(smooth_step(torch.tensor([-0.5, 0.0, 0.5]), 1.0).sub(
+        torch.tensor([0.0, 0.5, 1.0])).abs().max()) < 1e-6
+
+
 # ---------------------------------------------------------------- selection bias
 
-@pytest.mark.parametrize("router", ["expert_choice", "dynamic_topp", "sinkhorn", "hash"])
+@pytest.mark.parametrize("router", ["expert_choice", "dynamic_topp", "sinkhorn", "hash",
+                                    "dselect_k"])
 def test_bias_free_routers_reject_bias(router):
     with pytest.raises(ConfigError, match=f"balance=.*router='{router}'"):
         MoE(4, cfg(router=router, balance=["loss_free_bias"], **ROUTER_KW[router]))
@@ -386,6 +421,7 @@ def test_bias_routers_follow_bias(router):
     (dict(router="hypersphere", router_dim=0), "router_dim=0"),
     (dict(router="hypersphere", router_temperature=0.0), "router_temperature=0.0"),
     (dict(router="sinkhorn", score_func="sigmoid"), "score_func='sigmoid'.*router='sinkhorn'"),
+    (dict(router="dselect_k", dselect_gamma=0.0), "dselect_gamma=0.0"),
     (dict(router="nope"), "router='nope'"),
 ])
 def test_bad_router_config(kw, match):

@@ -68,6 +68,8 @@ class MoEConfig:
     router_dim: int = option(16, min=1, help="hypersphere: dimension of the routing projection")
     router_temperature: float = option(0.07, min=0.0, min_exclusive=True,
                                        help="hypersphere: cosine scores are divided by this")
+    dselect_gamma: float = option(1.0, min=0.0, min_exclusive=True,
+                                  help="dselect_k: width γ of the smooth-step function")
     dispatch: str = option("grouped", choices=sorted(DISPATCHERS),
                            help="grouped = fast path; reference = loop over experts")
 

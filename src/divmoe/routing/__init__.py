@@ -5,6 +5,7 @@ Each router class says whether it can use a loss-free selection bias
 """
 
 from .expert_choice import ExpertChoiceRouter
+from .dselect_k import DSelectKRouter
 from .dynamic_topp import DynamicTopPRouter
 from .grouped import GroupedRouter
 from .hash import HashRouter
@@ -23,8 +24,9 @@ ROUTERS = {
     "sinkhorn": SinkhornRouter,
     "hash": HashRouter,
     "hypersphere": HypersphereRouter,
+    "dselect_k": DSelectKRouter,
 }
 
 __all__ = ["RoutingPlan", "ROUTERS", "TopKRouter", "ExpertChoiceRouter", "DynamicTopPRouter",
            "NullExpertRouter", "GroupedRouter", "SinkhornRouter", "HashRouter",
-           "HypersphereRouter", "null_usage_loss"]
+           "HypersphereRouter", "DSelectKRouter", "null_usage_loss"]
