@@ -18,7 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .balance import BALANCE_LOSSES, BALANCERS, update_selection_bias
+import inspect
+
+from .balance import (AUX_LOSS_SCOPES, BALANCE_LOSSES, BALANCERS, CAPACITY_OVERFLOW,
+                      BalanceContext, apply_capacity, update_selection_bias)
+from .balance.aux_scope import global_counts
 from .config import ConfigError, option, validate
 from .diagnostics.load import max_vio
 from .dispatch import DISPATCHERS
@@ -49,10 +53,23 @@ class MoEConfig:
                                 items=BALANCERS, help="balancing losses and controllers")
     aux_loss_weight: float = option(0.01, min=0.0, help="α of aux_loss")
     z_loss_weight: float = option(0.001, min=0.0, help="weight of z_loss")
+    aux_loss_scope: str = option("micro_batch", choices=list(AUX_LOSS_SCOPES),
+                                 help="tokens aux_loss counts f and P over: micro_batch; sequence "
+                                      "(DeepSeek-V3, input [..., S, d]); global_batch (f over all "
+                                      "micro-batches and ranks of an optimizer step)")
+    capacity_overflow: str = option("drop", choices=list(CAPACITY_OVERFLOW),
+                                    help="capacity balancer (C = ceil(capacity_factor·T·top_k/E)): "
+                                         "drop overflowing slots, or reroute them to the next-best "
+                                         "expert with room")
+    small_expert_bias_weight: float = option(0.01, min=0.0,
+                                             help="weight of small_expert_bias (HMoE P-Penalty)")
+    dirichlet_prior_weight: float = option(0.001, min=0.0, help="weight of dirichlet_prior")
+    dirichlet_alpha: float = option(2.0, min=0.0, min_exclusive=True,
+                                    help="dirichlet_prior: symmetric concentration α")
+    dirichlet_alpha_per_expert: Optional[list[float]] = option(
+        None, help="dirichlet_prior: one concentration per expert (overrides dirichlet_alpha)")
     bias_update_rate: float = option(1e-3, min=0.0, help="u of loss_free_bias (per optimizer step)")
     shared_expert_gate: bool = option(False, help="scale shared experts by sigmoid(x·w) (Qwen2-MoE)")
-    shared_expert_hidden: int = option(0, min=0, help="hidden width of the shared-expert MLP "
-                                       "(0 = num_shared_experts * expert_hidden; Qwen2-MoE sets its own)")
     capacity_factor: float = option(1.0, min=0.0, min_exclusive=True,
                                     help="expert_choice: C = round(capacity_factor·T·top_k/E) tokens per expert")
     top_p: float = option(0.5, min=0.0, max=1.0, min_exclusive=True,
@@ -70,8 +87,6 @@ class MoEConfig:
     router_dim: int = option(16, min=1, help="hypersphere: dimension of the routing projection")
     router_temperature: float = option(0.07, min=0.0, min_exclusive=True,
                                        help="hypersphere: cosine scores are divided by this")
-    dselect_gamma: float = option(1.0, min=0.0, min_exclusive=True,
-                                  help="dselect_k: width γ of the smooth-step function")
     dispatch: str = option("grouped", choices=sorted(DISPATCHERS),
                            help="grouped = fast path; reference = loop over experts")
 
@@ -106,6 +121,19 @@ class MoEConfig:
                               f"selected groups hold only "
                               f"{self.topk_groups * (self.num_experts // self.n_groups)} experts")
         self._check_router(prefix)
+        self._check_balance(prefix)
+
+    def _check_balance(self, prefix: str) -> None:
+        """Cross-field checks of the balancer settings."""
+        alphas = self.dirichlet_alpha_per_expert
+        if alphas is not None:
+            if len(alphas) != self.num_experts:
+                raise ConfigError(f"{prefix}dirichlet_alpha_per_expert={alphas} is not allowed: "
+                                  f"needs one value per expert, {prefix}num_experts="
+                                  f"{self.num_experts}, got {len(alphas)}")
+            if min(alphas) <= 0:
+                raise ConfigError(f"{prefix}dirichlet_alpha_per_expert={alphas} is not allowed: "
+                                  f"every concentration must be > 0")
 
     def _check_router(self, prefix: str) -> None:
         """Cross-field checks of the router-specific settings."""
@@ -143,6 +171,7 @@ class RoutingStats:
     num_tokens: int
     losses: dict                      # name → unweighted loss value (float)
     expert_ids: torch.Tensor          # [T, K] int64 chosen experts (−1 = empty slot)
+    rerouted_slots: int = 0           # slots the capacity balancer moved to another expert
     activated_params_mean: float = 0.0  # mean over tokens of the parameters each touched
     activated_params_T: Optional[torch.Tensor] = None  # [T] int64, per token (null slots: 0)
     null_slots: int = 0               # slots that chose a null expert (router=null_experts; not drops)
@@ -182,17 +211,35 @@ class MoE(nn.Module):
         c = config
         self.router = ROUTERS[c.router](d_model, c)
         self.experts = EXPERT_LAYOUTS[c.expert_layout](d_model, c)
-        self.shared = SwiGLU(d_model, c.shared_expert_hidden or c.num_shared_experts * c.expert_hidden) \
+        self.shared = SwiGLU(d_model, c.num_shared_experts * c.expert_hidden) \
             if c.num_shared_experts else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False) \
             if c.num_shared_experts and c.shared_expert_gate else None
         self._dispatch = DISPATCHERS[c.dispatch]
         self._losses = {name: (BALANCE_LOSSES[name], getattr(c, f"{name}_weight"))
                         for name in c.balance if name in BALANCE_LOSSES}
+        # Losses that take a BalanceContext as well as the plan.
+        self._ctx_losses = {name for name, (fn, _) in self._losses.items()
+                            if len(inspect.signature(fn).parameters) > 1}
+        if c.dirichlet_alpha_per_expert is not None:
+            alpha_E = torch.tensor(c.dirichlet_alpha_per_expert, dtype=torch.float64)
+        else:
+            alpha_E = torch.full((c.num_experts,), c.dirichlet_alpha, dtype=torch.float64)
+        self._dirichlet_alpha_E = alpha_E
         # Selection-only bias (loss-free balancing; DeepSeek-V3's e_score_correction_bias).
         # A buffer, so it is saved and restored with the model.
         self.register_buffer("selection_bias_E", torch.zeros(c.num_experts))
         self.register_buffer("_load_since_update_E", torch.zeros(c.num_experts), persistent=False)
+        # aux_loss_scope=global_batch: routed-slot counts of this optimizer step so far (all
+        # micro-batches, all-reduced over ranks); reset by begin_step() / update_balancers().
+        self.register_buffer("_step_counts_E", torch.zeros(c.num_experts, dtype=torch.float64),
+                             persistent=False)
+
+    @torch.no_grad()
+    def begin_step(self) -> None:
+        """Start an optimizer step: clear the global-batch counts (call before its first
+        micro-batch)."""
+        self._step_counts_E.zero_()
 
     @torch.no_grad()
     def update_balancers(self) -> None:
@@ -202,6 +249,7 @@ class MoE(nn.Module):
             update_selection_bias(self.selection_bias_E, self._load_since_update_E,
                                   self.config.bias_update_rate)
         self._load_since_update_E.zero_()
+        self._step_counts_E.zero_()
 
     def active_params_per_token(self) -> int:
         """Parameters a token touches: router + k routed experts + shared experts (+ the frozen
@@ -229,7 +277,13 @@ class MoE(nn.Module):
                                  f"leading shape {tuple(x.shape[:-1])}")
             token_ids = token_ids.reshape(-1)
         plan = self.router(x_TD, selection_bias_E=self.selection_bias_E, token_ids_T=token_ids)
-        out_TD = self._dispatch(x_TD, plan, self.experts)
+        # Losses and the loss-free bias see the router's choice (`plan`); dispatch and the
+        # stats see what ran (`routed`: after the capacity transform, if any).
+        routed, rerouted = plan, 0
+        if "capacity" in self.config.balance:
+            routed, rerouted = apply_capacity(plan, self.config.capacity_factor,
+                                              self.config.capacity_overflow, self.config.top_k)
+        out_TD = self._dispatch(x_TD, routed, self.experts)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:
@@ -238,17 +292,40 @@ class MoE(nn.Module):
 
         aux = x_TD.new_zeros((), dtype=torch.float32)
         losses = {}
+        ctx = self._balance_context(x, plan) if self._ctx_losses else None
         for name, (fn, weight) in self._losses.items():
             if plan.num_tokens == 0:  # a mean over no tokens is NaN; nothing to balance
                 losses[name] = 0.0
                 continue
-            value = fn(plan)
+            value = fn(plan, ctx) if name in self._ctx_losses else fn(plan)
             losses[name] = float(value.detach())
             aux = aux + weight * value
-        stats = self._stats(plan, losses)
+        stats = self._stats(routed, losses)
+        stats.rerouted_slots = rerouted
         if self.training:
-            self._load_since_update_E += stats.tokens_per_expert.to(self._load_since_update_E.dtype)
+            load_E = stats.tokens_per_expert if routed is plan else plan.tokens_per_expert()
+            self._load_since_update_E += load_E.to(self._load_since_update_E.dtype)
         return MoEOutput(out_TD.view(x.shape), aux, stats)
+
+    def _balance_context(self, x: torch.Tensor, plan) -> BalanceContext:
+        c = self.config
+        ctx = BalanceContext(aux_loss_scope=c.aux_loss_scope,
+                             dirichlet_alpha_E=self._dirichlet_alpha_E)
+        if "aux_loss" in self._losses and c.aux_loss_scope == "sequence":
+            if x.dim() < 3:
+                raise ValueError(f"aux_loss_scope=sequence needs input [..., S, d_model] with "
+                                 f"sequences of S tokens (at least 3-D), got shape "
+                                 f"{tuple(x.shape)}")
+            ctx.seq_shape = (plan.num_tokens // x.shape[-2] if x.shape[-2] else 0, x.shape[-2])
+        if "aux_loss" in self._losses and c.aux_loss_scope == "global_batch":
+            # Evaluation may run on one rank only, so only training forwards all-reduce.
+            counts_E = global_counts(plan, all_reduce=self.training).to(self._step_counts_E.device)
+            ctx.step_counts_E = self._step_counts_E + counts_E
+            if self.training:
+                self._step_counts_E += counts_E
+        if "small_expert_bias" in self._losses and hasattr(self.experts, "expert_sizes"):
+            ctx.expert_sizes_E = torch.as_tensor(self.experts.expert_sizes(), dtype=torch.float64)
+        return ctx
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):

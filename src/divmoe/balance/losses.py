@@ -1,7 +1,7 @@
 """Balancing losses computed from a RoutingPlan.
 
-Each takes the plan and returns an *unweighted* scalar; the layer multiplies by the
-configured weight, so the stats can report both.
+Each takes the plan (and an optional :class:`BalanceContext`) and returns an *unweighted*
+scalar; the layer multiplies by the configured weight, so the stats can report both.
 """
 
 from __future__ import annotations
@@ -9,28 +9,38 @@ from __future__ import annotations
 import torch
 
 from ..routing.plan import RoutingPlan
+from .aux_scope import aux_loss_global, aux_loss_micro_batch, aux_loss_sequence
+from .context import BalanceContext
+from .dirichlet import dirichlet_prior
+from .small_expert import small_expert_bias
 
 
-def aux_loss(plan: RoutingPlan) -> torch.Tensor:
-    """Switch/GShard load-balancing loss, micro-batch scope: E · Σ_i f_i · P_i.
+def aux_loss(plan: RoutingPlan, ctx: BalanceContext | None = None) -> torch.Tensor:
+    """Switch/GShard load-balancing loss E · Σ_i f_i · P_i, in the scope ``ctx`` names.
 
     f_i = fraction of routed token-slots given to expert i (empty slots excluded;
     no gradient), P_i = mean router probability of expert i. Equals 1 exactly when
     routing is perfectly uniform (f_i = P_i = 1/E), so the weighted loss equals α.
+    Scope micro_batch (the default; ``ctx`` None) counts both over this forward's tokens;
+    sequence and global_batch are defined in :mod:`divmoe.balance.aux_scope`.
     """
-    E = plan.num_experts
-    counts_E = plan.tokens_per_expert().to(plan.probs_TE.dtype)
-    f_E = counts_E / counts_E.sum().clamp_min(1)
-    P_E = plan.probs_TE.mean(dim=0)
-    return E * (f_E * P_E).sum()
+    scope = ctx.aux_loss_scope if ctx is not None else "micro_batch"
+    if scope == "sequence":
+        if ctx.seq_shape is None:
+            raise ValueError("aux_loss_scope=sequence needs the sequence shape (N, S)")
+        return aux_loss_sequence(plan, *ctx.seq_shape)
+    if scope == "global_batch" and ctx.step_counts_E is not None:
+        return aux_loss_global(plan, ctx.step_counts_E)
+    return aux_loss_micro_batch(plan)
 
 
-def z_loss(plan: RoutingPlan) -> torch.Tensor:
+def z_loss(plan: RoutingPlan, ctx: BalanceContext | None = None) -> torch.Tensor:
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)²."""
     return torch.logsumexp(plan.logits_TE.float(), dim=-1).square().mean()
 
 
-BALANCE_LOSSES = {"aux_loss": aux_loss, "z_loss": z_loss}
+BALANCE_LOSSES = {"aux_loss": aux_loss, "z_loss": z_loss, "small_expert_bias": small_expert_bias,
+                  "dirichlet_prior": dirichlet_prior}
 
 # AdaMoE null-expert usage (router=null_experts); defined next to its router.
 from ..routing.null_experts import null_usage_loss  # noqa: E402

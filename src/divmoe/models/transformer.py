@@ -136,6 +136,13 @@ class MoETransformer(nn.Module):
         logits = F.linear(self.norm(x), self.embed.weight)
         return logits, aux, stats
 
+    def begin_step(self) -> None:
+        """Start an optimizer step (before its first micro-batch): resets per-step balancer
+        state, e.g. the global-batch aux-loss counts."""
+        for b in self.blocks:
+            if b.is_moe:
+                b.mlp.begin_step()
+
     def update_balancers(self) -> None:
         """Advance every MoE layer's balancing controllers; call after each optimizer step."""
         for b in self.blocks:

@@ -24,7 +24,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = option(400, min=1, help="optimizer steps")
-    batch_size: int = option(32, min=1, help="sequences per step")
+    batch_size: int = option(32, min=1, help="sequences per micro-batch")
+    grad_accum: int = option(1, min=1, help="micro-batches per optimizer step (gradient "
+                                            "accumulation); a step sees grad_accum·batch_size sequences")
     lr: float = option(3e-3, min=0.0, min_exclusive=True, help="peak learning rate")
     min_lr_ratio: float = option(0.1, min=0.0, max=1.0, help="final lr as a fraction of peak (cosine)")
     warmup_steps: int = option(30, min=0, help="linear warmup steps")

@@ -4,7 +4,8 @@ A run folder holds ``config.yaml``, ``metrics.jsonl`` (one row per evaluation),
 ``routing.json`` (expert × domain routing counts of the latest evaluation),
 ``summary.json``, ``checkpoint/`` and ``report.html``.
 
-Determinism: batch i is a pure function of (seed, i), and the checkpoint carries the
+Determinism: micro-batch j of step i is sampler batch ``i · grad_accum + j``, a pure
+function of (seed, i, j), and the checkpoint carries the
 optimizer, RNG and running-loss state, so a resumed run reproduces an uninterrupted one.
 """
 
@@ -219,23 +220,30 @@ def train(out: str | Path, config: RunConfig | None = None, resume: bool = False
             step = state["step"]
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            tokens, _ = sampler.batch(step, cfg.train.batch_size)
-            logits, aux, _ = model(tokens[:, :-1])
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
-            loss = ce + aux
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {float(loss)} at step {step}; the last "
-                                         f"checkpoint in {run_dir} is intact (lower train.lr?)")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            model.begin_step()  # global-batch balancing counts start afresh each step
+            accum = cfg.train.grad_accum
+            ce_sum, step_tokens = 0.0, 0
+            for j in range(accum):
+                tokens, _ = sampler.batch(step * accum + j, cfg.train.batch_size)
+                logits, aux, _ = model(tokens[:, :-1])
+                ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                     tokens[:, 1:].reshape(-1))
+                loss = ce + aux
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {float(loss)} at step {step}; the last "
+                                             f"checkpoint in {run_dir} is intact (lower train.lr?)")
+                (loss / accum).backward()
+                ce_sum += float(ce.detach())
+                step_tokens += tokens[:, :-1].numel()
             if cfg.train.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             optimizer.step()
             model.update_balancers()
             state["step"] += 1
-            state["loss_sum"] += float(ce.detach())
+            state["loss_sum"] += ce_sum / accum
             state["loss_count"] += 1
-            state["tokens_seen"] += tokens[:, :-1].numel()
+            state["tokens_seen"] += step_tokens
             state["train_time"] += time.perf_counter() - t0
             state["elapsed"] = time.perf_counter() - t_start
             bar.update(1)

@@ -1,0 +1,111 @@
+"""Expert capacity: a plan transform between the router and dispatch.
+
+Capacity per expert C = ⌈capacity_factor · T · k / E⌉ (GShard / Switch Transformer).
+Token rerouting follows "Capacity-Aware Inference: Mitigating the Straggler Effect in
+Mixture of Experts" (He et al. 2025, arXiv 2503.05066): overflowing tokens go to other
+experts that still have room instead of being dropped.
+
+Priority (which slots keep their place): slot rank first, then token order — all tokens'
+first choices in token order, then all second choices, ... (GShard's order: a token's
+best expert outranks anyone's second choice). Router scores do not enter the priority.
+
+overflow = ``drop``: a slot past its expert's capacity becomes empty (id −1, weight 0);
+the plan's ``dropped_slots`` counts it.
+
+overflow = ``reroute``: after every original slot has been placed (as above), the
+overflowing slots are rerouted rank by rank (all overflowing rank-0 slots, then rank-1,
+...). Within a rank, in proposal rounds: every pending slot proposes the highest-scoring
+expert (by ``probs_TE``; ties → lower expert id) that still has room and that its token
+does not already hold (its original k choices or an earlier reroute); each expert accepts
+proposals in token order up to its remaining room; rejected slots propose again next round
+(the expert they asked is now full). A slot with no eligible expert is dropped. Each round
+fills at least one expert, so there are at most E + 1 rounds per rank.
+
+A rerouted slot's combine weight is w · p[t, new] / p[t, old]: the router's normalisation
+of that token is kept and the score is swapped (for softmax and sigmoid routers the weight
+is proportional to the expert's probability), differentiable through both probabilities.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from ..routing.plan import RoutingPlan
+
+OVERFLOW = ("drop", "reroute")
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """C = ⌈capacity_factor · T · k / E⌉."""
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+def _positions(ids_S: torch.Tensor, E: int) -> torch.Tensor:
+    """For each entry (ids ≥ 0), how many earlier entries have the same id."""
+    onehot_SE = torch.nn.functional.one_hot(ids_S.clamp_min(0), E).to(torch.int64)
+    onehot_SE = onehot_SE * (ids_S >= 0).unsqueeze(1)
+    before_SE = onehot_SE.cumsum(0) - onehot_SE
+    return before_SE.gather(1, ids_S.clamp_min(0).unsqueeze(1)).squeeze(1)
+
+
+def apply_capacity(plan: RoutingPlan, capacity_factor: float, overflow: str = "drop",
+                   top_k: int | None = None) -> tuple[RoutingPlan, int]:
+    """Return (plan with capacity applied, number of rerouted slots).
+
+    ``top_k`` is the k of the capacity formula (default: the plan's slot count K).
+    """
+    if overflow not in OVERFLOW:
+        raise ValueError(f"overflow={overflow!r}: expected one of {', '.join(OVERFLOW)}")
+    ids_TK = plan.expert_ids_TK
+    T, K = ids_TK.shape
+    E = plan.num_experts
+    if T == 0:
+        return plan, 0
+    C = expert_capacity(T, E, top_k or K, capacity_factor)
+
+    # Phase 1: rank-major order (all rank-0 slots in token order, then rank 1, ...).
+    ids_S = ids_TK.t().reshape(-1)
+    keep_S = (ids_S >= 0) & (_positions(ids_S, E) < C)
+    over_S = (ids_S >= 0) & ~keep_S
+    keep_TK = keep_S.view(K, T).t()
+    over_TK = over_S.view(K, T).t()
+    new_ids_TK = torch.where(keep_TK, ids_TK, torch.full_like(ids_TK, -1))
+    rerouted = 0
+
+    if overflow == "reroute" and bool(over_TK.any()):
+        load_E = torch.bincount(new_ids_TK[new_ids_TK >= 0], minlength=E)
+        room_E = (C - load_E).clamp_min(0)
+        held_TE = (torch.nn.functional.one_hot(ids_TK.clamp_min(0), E).bool()
+                   & (ids_TK >= 0).unsqueeze(-1)).any(dim=1)  # the token's original choices
+        score_TE = plan.probs_TE.detach()
+        for k in range(K):
+            pending_P = torch.nonzero(over_TK[:, k]).squeeze(1)  # token order
+            while pending_P.numel():
+                cand_PE = score_TE[pending_P].masked_fill(held_TE[pending_P] | (room_E == 0),
+                                                          float("-inf"))
+                best_val_P, best_P = cand_PE.max(dim=1)
+                has_P = best_val_P > float("-inf")
+                pending_P, best_P = pending_P[has_P], best_P[has_P]  # the rest stay dropped
+                if not pending_P.numel():
+                    break
+                accept_P = _positions(best_P, E) < room_E[best_P]
+                tok, exp = pending_P[accept_P], best_P[accept_P]
+                new_ids_TK[tok, k] = exp
+                held_TE[tok, exp] = True
+                room_E -= torch.bincount(exp, minlength=E)
+                rerouted += int(accept_P.sum())
+                pending_P = pending_P[~accept_P]
+
+    moved_TK = (new_ids_TK != ids_TK) & (new_ids_TK >= 0)
+    weights_TK = plan.weights_TK
+    if bool(moved_TK.any()):
+        probs_TE = plan.probs_TE
+        p_old = probs_TE.gather(1, ids_TK.clamp_min(0)).clamp_min(1e-20)
+        p_new = probs_TE.gather(1, new_ids_TK.clamp_min(0))
+        weights_TK = torch.where(moved_TK, weights_TK * (p_new / p_old).to(weights_TK.dtype),
+                                 weights_TK)
+    weights_TK = weights_TK * (new_ids_TK >= 0).to(weights_TK.dtype)
+    return dataclasses.replace(plan, expert_ids_TK=new_ids_TK, weights_TK=weights_TK), rerouted
