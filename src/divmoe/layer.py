@@ -70,6 +70,8 @@ class MoEConfig:
         None, help="dirichlet_prior: one concentration per expert (overrides dirichlet_alpha)")
     bias_update_rate: float = option(1e-3, min=0.0, help="u of loss_free_bias (per optimizer step)")
     shared_expert_gate: bool = option(False, help="scale shared experts by sigmoid(x·w) (Qwen2-MoE)")
+    shared_expert_hidden: int = option(0, min=0, help="hidden width of the shared-expert MLP "
+                                       "(0 = num_shared_experts * expert_hidden; Qwen2-MoE sets its own)")
     capacity_factor: float = option(1.0, min=0.0, min_exclusive=True,
                                     help="expert_choice: C = round(capacity_factor·T·top_k/E) tokens per expert")
     top_p: float = option(0.5, min=0.0, max=1.0, min_exclusive=True,
@@ -87,6 +89,8 @@ class MoEConfig:
     router_dim: int = option(16, min=1, help="hypersphere: dimension of the routing projection")
     router_temperature: float = option(0.07, min=0.0, min_exclusive=True,
                                        help="hypersphere: cosine scores are divided by this")
+    dselect_gamma: float = option(1.0, min=0.0, min_exclusive=True,
+                                  help="dselect_k: width γ of the smooth-step function")
     dispatch: str = option("grouped", choices=sorted(DISPATCHERS),
                            help="grouped = fast path; reference = loop over experts")
 
@@ -211,7 +215,7 @@ class MoE(nn.Module):
         c = config
         self.router = ROUTERS[c.router](d_model, c)
         self.experts = EXPERT_LAYOUTS[c.expert_layout](d_model, c)
-        self.shared = SwiGLU(d_model, c.num_shared_experts * c.expert_hidden) \
+        self.shared = SwiGLU(d_model, c.shared_expert_hidden or c.num_shared_experts * c.expert_hidden) \
             if c.num_shared_experts else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False) \
             if c.num_shared_experts and c.shared_expert_gate else None
