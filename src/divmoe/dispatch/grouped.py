@@ -1,10 +1,16 @@
 """Dropless dispatch → grouped experts → combine: the hot path.
 
-Steps (T tokens, K slots, S = number of non-empty slots):
-  1. Sort the flat slot list by expert id (stable), empty slots (id −1) last.
-  2. Gather token rows into expert-contiguous order: x_SD = x_TD[token_of_slot].
+Steps (T tokens, K slots per token, R = routed (non-empty) slots ≤ T·K):
+  1. Sort the flat slot list by expert id (stable), empty slots (id −1) last:
+     ``order_S`` lists slots in expert-contiguous order, ``rank_S`` is its inverse.
+  2. Gather token rows into that order: x_RD = x_TD[order_S // K][:R].
   3. One grouped computation over all experts (``experts.grouped``).
-  4. Scale each row by its combine weight and scatter-add back to its token.
+  4. Gather the rows back into slot order, y_TKD = y_SD[rank_S], and combine each token's
+     K rows with its weights in one batched matmul: out_TD = w_T1K @ y_TKD.
+
+Both directions are *gathers*. Their gradients are gathers too (through the inverse
+permutation), so no step scatters with index_add, which on CPU is the slow part of the
+naive formulation: see :class:`_GatherRows`.
 """
 
 from __future__ import annotations
@@ -14,19 +20,57 @@ import torch
 from ..routing.plan import RoutingPlan
 
 
+class _GatherRows(torch.autograd.Function):
+    """``x[index]`` where ``index`` visits every output row of the backward exactly ``fold``
+    times in a known pattern, so the backward is a gather and a sum instead of a scatter-add.
+
+    Forward: out_SD = x_ND[index_S].
+    Backward: grad_x = grad_out[inverse].view(N, fold, D).sum(1), with ``inverse`` the
+    permutation that puts rows back in (row, repeat) order. Rows of ``grad_out`` past
+    its length (empty slots) read a zero row.
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, index_S, inverse_M, fold):
+        ctx.save_for_backward(inverse_M)
+        ctx.fold, ctx.n = fold, x_ND.shape[0]
+        return x_ND.index_select(0, index_S)
+
+    @staticmethod
+    def backward(ctx, grad_SD):
+        (inverse_M,) = ctx.saved_tensors
+        grad_M = _gather_padded(grad_SD, inverse_M)
+        if ctx.fold > 1:
+            grad_M = grad_M.view(ctx.n, ctx.fold, -1).sum(1)
+        return grad_M, None, None, None
+
+
+def _gather_padded(y_RD: torch.Tensor, index_M: torch.Tensor) -> torch.Tensor:
+    """``y_RD[index_M]`` where indices ≥ R read zeros (the rows of empty slots)."""
+    R = y_RD.shape[0]
+    if index_M.numel() and int(index_M.max()) >= R:
+        y_RD = torch.cat([y_RD, y_RD.new_zeros(1, y_RD.shape[1])])
+        index_M = index_M.clamp(max=R)
+    return y_RD.index_select(0, index_M)
+
+
 def dispatch_combine(x_TD: torch.Tensor, plan: RoutingPlan, experts) -> torch.Tensor:
     T, K = plan.expert_ids_TK.shape
     E = plan.num_experts
+    if T == 0:
+        return torch.zeros_like(x_TD)
     ids_S = plan.expert_ids_TK.reshape(-1)
-    # Empty slots sort after every real expert and are cut off below.
-    sort_key_S = torch.where(ids_S < 0, E, ids_S)
+    sort_key_S = torch.where(ids_S < 0, E, ids_S)  # empty slots last, then cut off
     order_S = torch.argsort(sort_key_S, stable=True)
+    rank_S = torch.empty_like(order_S)
+    rank_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
     counts_E = torch.bincount(sort_key_S, minlength=E + 1)[:E]
-    num_routed = int(counts_E.sum())
-    order_S = order_S[:num_routed]
-    token_S = order_S // K
+    R = int(counts_E.sum())
 
-    y_SD = experts.grouped(x_TD[token_S], counts_E)
-    y_SD = y_SD * plan.weights_TK.reshape(-1)[order_S].unsqueeze(-1).to(y_SD.dtype)
-    out_TD = torch.zeros_like(x_TD)
-    return out_TD.index_add(0, token_S, y_SD.to(x_TD.dtype))
+    routed_order_R = order_S[:R]
+    x_RD = _GatherRows.apply(x_TD, routed_order_R // K, rank_S, K)
+    y_RD = experts.grouped(x_RD, counts_E)
+    y_TKD = _GatherRows.apply(y_RD, rank_S, routed_order_R, 1).view(T, K, -1) if R == T * K \
+        else _gather_padded(y_RD, rank_S).view(T, K, -1)
+    w_T1K = plan.weights_TK.to(y_TKD.dtype).unsqueeze(1)
+    return torch.bmm(w_T1K, y_TKD).squeeze(1).to(x_TD.dtype)

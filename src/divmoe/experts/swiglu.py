@@ -61,19 +61,18 @@ def grouped_mm(x_SD: torch.Tensor, w_EDH: torch.Tensor, offs_E: torch.Tensor) ->
 
 
 def _native_ok(x_SD: torch.Tensor, w_EDH: torch.Tensor) -> bool:
-    if x_SD.dtype == torch.float32:
-        return True
-    # 16-bit kernels need every row stride to be a multiple of 16 bytes.
-    return x_SD.dtype in (torch.bfloat16, torch.float16) and x_SD.shape[1] % 8 == 0 \
-        and w_EDH.shape[2] % 8 == 0
+    # The kernel needs every row stride to be a multiple of 16 bytes.
+    per_row = 16 // x_SD.element_size()
+    return x_SD.dtype in (torch.float32, torch.bfloat16, torch.float16) \
+        and x_SD.shape[1] % per_row == 0 and w_EDH.shape[2] % per_row == 0
 
 
 def _probe_native_grouped_mm() -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
-        x = torch.randn(5, 4, requires_grad=True)
-        w = torch.randn(3, 4, 2, requires_grad=True)
+        x = torch.randn(5, 8, requires_grad=True)
+        w = torch.randn(3, 8, 4, requires_grad=True)  # rows of 16 bytes: the kernel's alignment
         y = torch._grouped_mm(x, w, offs=torch.tensor([2, 2, 5], dtype=torch.int32))
         y.backward(torch.ones_like(y))
         ref = torch.cat([x[:2] @ w[0], x[2:] @ w[2]])
