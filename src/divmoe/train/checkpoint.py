@@ -22,6 +22,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, state: dict) -> Path:
     run_dir = Path(run_dir)
     final = run_dir / CHECKPOINT
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=run_dir))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the checkpoint is as readable as the run
     try:
         tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / "model.safetensors"))
