@@ -4,6 +4,8 @@ Forward pass for x[..., D] (T = number of tokens after flattening the leading di
   1. Validate x (rank, width, finite values) and flatten to x_TD.
   2. Router: x_TD → RoutingPlan (expert_ids_TK, weights_TK, probs_TE, logits_TE).
   3. Dispatch + grouped experts + combine → routed_TD (fast path or the reference loop).
+     router=soft_merge (SMEAR) replaces this step: one expert per sequence whose weights are
+     the router-probability-weighted average of all experts' (routing/soft_merge.py).
   4. Shared experts (if any) see every token; their output is added.
   5. Balancing losses from the plan, each times its weight, summed into ``aux_loss``.
   6. RoutingStats: detached per-expert loads, mean probabilities, MaxVio, drops, losses.
@@ -25,9 +27,11 @@ from .balance import (AUX_LOSS_SCOPES, BALANCE_LOSSES, BALANCERS, CAPACITY_OVERF
 from .balance.aux_scope import global_counts
 from .config import ConfigError, option, validate
 from .diagnostics.load import max_vio
+from .diversity.regularizers import DIVERSITY_REGULARIZERS, diversity_losses
 from .dispatch import DISPATCHERS
 from .experts import EXPERT_LAYOUTS, StackedSwiGLU, activated_params
 from .routing import ROUTERS
+from .routing.soft_merge import SOFT_MERGE_PATHS, group_probs, merge_groups
 
 
 @dataclass
@@ -69,6 +73,15 @@ class MoEConfig:
     dirichlet_alpha_per_expert: Optional[list[float]] = option(
         None, help="dirichlet_prior: one concentration per expert (overrides dirichlet_alpha)")
     bias_update_rate: float = option(1e-3, min=0.0, help="u of loss_free_bias (per optimizer step)")
+    diversity: list[str] = option(default_factory=list, items=DIVERSITY_REGULARIZERS,
+                                  help="expert-diversity regularisers added to aux_loss: exclusivity "
+                                       "(mean squared cosine between experts' outputs, MMoEEx "
+                                       "reading), divergence (-JS between routed experts' "
+                                       "softmax outputs); see diversity/regularizers.py")
+    exclusivity_weight: float = option(0.1, min=0.0, help="weight of the exclusivity regulariser")
+    divergence_weight: float = option(0.1, min=0.0, help="weight of the divergence regulariser")
+    diversity_probe_tokens: int = option(64, min=1, help="random tokens per forward on which the "
+                                         "diversity regularisers run every expert")
     shared_expert_gate: bool = option(False, help="scale shared experts by sigmoid(x·w) (Qwen2-MoE)")
     shared_expert_hidden: int = option(0, min=0, help="hidden width of the shared-expert MLP "
                                        "(0 = num_shared_experts * expert_hidden; Qwen2-MoE sets its own)")
@@ -158,6 +171,18 @@ class MoEConfig:
                               f"{p}router='null_experts': must be >= 1")
         if self.null_target >= 1.0:
             raise ConfigError(f"{p}null_target={self.null_target} is not allowed: must be < 1")
+        if r == "soft_merge":
+            if self.expert_layout != "swiglu" or self.expert_widths is not None:
+                raise ConfigError(f"{p}expert_layout={self.expert_layout!r}"
+                                  + (f", {p}expert_widths={self.expert_widths}"
+                                     if self.expert_widths is not None else "")
+                                  + f" is not allowed with {p}router='soft_merge': merging needs "
+                                    f"experts of one shape (expert_layout=swiglu, expert_widths="
+                                    f"null)")
+            if "capacity" in self.balance:
+                raise ConfigError(f"{p}balance={self.balance!r} is not allowed with "
+                                  f"{p}router='soft_merge': capacity drops token slots, and "
+                                  f"soft merging has none (every token runs the merged expert)")
         if r == "grouped" and self.top_k % self.n_groups:
             raise ConfigError(f"{p}top_k={self.top_k} is not allowed with {p}router='grouped': "
                               f"must be divisible by {p}n_groups={self.n_groups} (every group "
@@ -168,7 +193,8 @@ class MoEConfig:
 class RoutingStats:
     """What one forward pass routed; plain detached tensors for diagnostics."""
 
-    tokens_per_expert: torch.Tensor   # [E] int64, routed slots per expert
+    tokens_per_expert: torch.Tensor   # [E] int64, routed slots per expert (soft_merge: float64
+                                      # Σ_t p_te, every expert used in proportion to p)
     mean_prob: torch.Tensor           # [E] mean router probability
     max_vio: float
     dropped_slots: int
@@ -220,8 +246,14 @@ class MoE(nn.Module):
         self.shared_gate = nn.Linear(d_model, 1, bias=False) \
             if c.num_shared_experts and c.shared_expert_gate else None
         self._dispatch = DISPATCHERS[c.dispatch]
+        # router=soft_merge (SMEAR) runs one merged expert per sequence instead of dispatch.
+        self._soft_merge = SOFT_MERGE_PATHS[c.dispatch] if c.router == "soft_merge" else None
+        if self._soft_merge is not None and not isinstance(self.experts, StackedSwiGLU):
+            raise ConfigError(f"moe.router='soft_merge' needs the StackedSwiGLU layout, got "
+                              f"{type(self.experts).__name__}")
         self._losses = {name: (BALANCE_LOSSES[name], getattr(c, f"{name}_weight"))
                         for name in c.balance if name in BALANCE_LOSSES}
+        self._diversity = {name: getattr(c, f"{name}_weight") for name in c.diversity}
         # Losses that take a BalanceContext as well as the plan.
         self._ctx_losses = {name for name, (fn, _) in self._losses.items()
                             if len(inspect.signature(fn).parameters) > 1}
@@ -261,8 +293,9 @@ class MoE(nn.Module):
         under uniform routing; ``RoutingStats.activated_params_mean`` measures the real value."""
         sizes = self.experts.expert_sizes()
         fixed = self._param_accounting()
+        k = 1 if self._soft_merge is not None else self.config.top_k  # one merged expert
         return int(round(fixed["shared_params"] + fixed["router_params"] + fixed["base_params"]
-                         + self.config.top_k * sum(sizes) / len(sizes)))
+                         + k * sum(sizes) / len(sizes)))
 
     def _param_accounting(self) -> dict:
         """Parameter counts besides the routed experts, for :func:`activated_params`."""
@@ -280,14 +313,19 @@ class MoE(nn.Module):
                 raise ValueError(f"token_ids shape {tuple(token_ids.shape)} must equal the input's "
                                  f"leading shape {tuple(x.shape[:-1])}")
             token_ids = token_ids.reshape(-1)
-        plan = self.router(x_TD, selection_bias_E=self.selection_bias_E, token_ids_T=token_ids)
+        groups = merge_groups(tuple(x.shape)) if self._soft_merge is not None else None
+        plan = self.router(x_TD, selection_bias_E=self.selection_bias_E, token_ids_T=token_ids,
+                           **({"groups": groups} if groups is not None else {}))
         # Losses and the loss-free bias see the router's choice (`plan`); dispatch and the
         # stats see what ran (`routed`: after the capacity transform, if any).
         routed, rerouted = plan, 0
         if "capacity" in self.config.balance:
             routed, rerouted = apply_capacity(plan, self.config.capacity_factor,
                                               self.config.capacity_overflow, self.config.top_k)
-        out_TD = self._dispatch(x_TD, routed, self.experts)
+        if self._soft_merge is not None:
+            out_TD = self._soft_merge(x_TD, group_probs(plan, groups), self.experts, groups)
+        else:
+            out_TD = self._dispatch(x_TD, routed, self.experts)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:
@@ -304,6 +342,13 @@ class MoE(nn.Module):
             value = fn(plan, ctx) if name in self._ctx_losses else fn(plan)
             losses[name] = float(value.detach())
             aux = aux + weight * value
+        if self._diversity and self.training and plan.num_tokens:
+            # Expert-diversity regularisers: training only, on a random probe of the tokens.
+            for name, value in diversity_losses(self.experts, x_TD, routed.expert_ids_TK,
+                                                self._diversity,
+                                                self.config.diversity_probe_tokens).items():
+                losses[name] = float(value.detach())
+                aux = aux + self._diversity[name] * value
         stats = self._stats(routed, losses)
         stats.rerouted_slots = rerouted
         if self.training:
@@ -350,6 +395,8 @@ class MoE(nn.Module):
     @torch.no_grad()
     def _stats(self, plan, losses: dict) -> RoutingStats:
         counts_E = plan.tokens_per_expert()
+        if self._soft_merge is not None:  # every expert used in proportion to p (soft load)
+            counts_E = plan.probs_TE.detach().double().sum(0)
         act_mean, act_T = activated_params(plan, self.experts.expert_sizes(),
                                            **self._param_accounting())
         return RoutingStats(

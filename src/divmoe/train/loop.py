@@ -60,9 +60,42 @@ class Evaluation:
     routing: dict | None = None
 
 
+def probe_batch(val: dict[str, torch.Tensor], tokens_per_domain: int = 256) -> torch.Tensor:
+    """The fixed expert-diversity probe: the first ⌈tokens_per_domain / seq_len⌉ validation
+    windows of every domain (inputs only), stacked [N, seq_len]. Deterministic."""
+    parts = []
+    for d in sorted(val):
+        seq_len = val[d].shape[1] - 1
+        parts.append(val[d][: -(-tokens_per_domain // seq_len), :-1])
+    return torch.cat(parts)
+
+
 @torch.no_grad()
-def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: int) -> Evaluation:
-    """Validation loss per domain (bits per byte: the tokenizer is byte-level), MaxVio and loads."""
+def expert_vendi_by_layer(model: MoETransformer, probe_BS: torch.Tensor) -> list[float]:
+    """Vendi score across each MoE layer's experts of their outputs on the probe's hidden states
+    entering that layer (captured by forward pre-hooks during one extra eval-mode forward);
+    see :func:`divmoe.diversity.regularizers.expert_output_vendi`."""
+    from ..diversity.regularizers import expert_output_vendi
+
+    moes = [model.blocks[i].mlp for i in model.moe_layers]
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, args, li=li: captured.__setitem__(li, args[0].detach()))
+        for li, m in enumerate(moes)]
+    try:
+        model(probe_BS)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [expert_output_vendi(m.experts, captured[li].reshape(-1, m.d_model))
+            for li, m in enumerate(moes)]
+
+
+@torch.no_grad()
+def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: int,
+             probe_tokens_per_domain: int = 256) -> Evaluation:
+    """Validation loss per domain (bits per byte: the tokenizer is byte-level), MaxVio, loads
+    and the expert-output Vendi score on the fixed probe (``probe_tokens_per_domain``; 0 = off)."""
     model.eval()
     domains = sorted(val)
     moe_layers = model.moe_layers
@@ -95,6 +128,11 @@ def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: in
     load_LE = load_LE / load_LE.sum(-1, keepdim=True).clamp_min(1)
     row.update(max_vio=float(vio_L.mean()), max_vio_by_layer=vio_L.tolist(),
                expert_load=load_LE.tolist())
+    if probe_tokens_per_domain:
+        model.eval()
+        vendi_L = expert_vendi_by_layer(model, probe_batch(val, probe_tokens_per_domain))
+        model.train()
+        row.update(expert_vendi=sum(vendi_L) / len(vendi_L), expert_vendi_by_layer=vendi_L)
     routing = {"domains": domains, "layers": moe_layers, "counts": counts_LED.tolist()}
     return Evaluation(row, routing)
 
