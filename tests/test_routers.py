@@ -28,6 +28,7 @@ ROUTER_KW = {
     "hash": dict(num_experts=6, top_k=2),
     "hypersphere": dict(num_experts=6, top_k=2, router_dim=5, router_temperature=0.5),
     "dselect_k": dict(num_experts=6, top_k=2, dselect_gamma=1.0),
+    "soft_merge": dict(num_experts=6, top_k=1),  # its own invariants: tests/test_soft_merge.py
 }
 LEARNABLE = [r for r in ROUTER_KW if r != "hash"]
 

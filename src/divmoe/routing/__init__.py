@@ -13,6 +13,7 @@ from .hypersphere import HypersphereRouter
 from .null_experts import NullExpertRouter, null_usage_loss
 from .plan import RoutingPlan
 from .sinkhorn import SinkhornRouter
+from .soft_merge import SoftMergeRouter
 from .topk import TopKRouter
 
 ROUTERS = {
@@ -25,8 +26,9 @@ ROUTERS = {
     "hash": HashRouter,
     "hypersphere": HypersphereRouter,
     "dselect_k": DSelectKRouter,
+    "soft_merge": SoftMergeRouter,
 }
 
 __all__ = ["RoutingPlan", "ROUTERS", "TopKRouter", "ExpertChoiceRouter", "DynamicTopPRouter",
            "NullExpertRouter", "GroupedRouter", "SinkhornRouter", "HashRouter",
-           "HypersphereRouter", "DSelectKRouter", "null_usage_loss"]
+           "HypersphereRouter", "DSelectKRouter", "SoftMergeRouter", "null_usage_loss"]
