@@ -34,8 +34,11 @@ def test_train_writes_every_artifact(tmp_path):
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [0, 4, 8, 12]
     required = {"step", "train_loss", "val_loss", "val_bpb", "val_bpb_by_domain", "max_vio",
-                "tokens_per_s", "expert_load"}
+                "tokens_per_s", "expert_load", "activated_params_mean"}
     assert required <= set(rows[-1])
+    # 4 experts of 3·16·16 params, top_k=2, router 16·4: at most 2 experts + router per token
+    assert 0 < rows[-1]["activated_params_mean"] <= 2 * 3 * 16 * 16 + 16 * 4
+    assert "activated MoE-layer params per token" in (run / "report.html").read_text()
     assert len(rows[-1]["val_bpb_by_domain"]) >= 3
     assert len(rows[-1]["expert_load"]) == 2 and len(rows[-1]["expert_load"][0]) == 4
     assert rows[-1]["val_bpb"] < rows[0]["val_bpb"]  # it learns something even in 12 steps

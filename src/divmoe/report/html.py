@@ -274,6 +274,8 @@ def write_report(run_dir: str | Path) -> Path:
         ("final train loss (nats/token)", _f(final.get("train_loss"))),
         ("final val loss (nats/token)", _f(final.get("val_loss"))),
         ("final MaxVio (mean over MoE layers)", _f(final.get("max_vio"), 3)),
+        ("activated MoE-layer params per token (last eval, mean over layers)",
+         _params(final.get("activated_params_mean"))),
         ("tokens / s (last eval)", _int(final.get("tokens_per_s"))),
         (wall_label, _duration(wall)),
         ("parameters, total", _params(summary_d.get("params_total"))),

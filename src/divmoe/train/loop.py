@@ -104,6 +104,7 @@ def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: in
     tokens = {d: 0 for d in domains}
     counts_LED = torch.zeros(L, E, len(domains), dtype=torch.int64)
     vio_sum, vio_batches = torch.zeros(L, dtype=torch.float64), 0
+    act_sum, act_tokens = torch.zeros(L, dtype=torch.float64), torch.zeros(L, dtype=torch.float64)
     for di, d in enumerate(domains):
         for chunk in val[d].split(batch_size):
             logits, _, stats = model(chunk[:, :-1])
@@ -115,6 +116,8 @@ def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: in
                 ids = s.expert_ids.reshape(-1)
                 counts_LED[li, :, di] += torch.bincount(ids[ids >= 0], minlength=E)
                 vio_sum[li] += s.max_vio
+                act_sum[li] += s.activated_params_mean * s.num_tokens
+                act_tokens[li] += s.num_tokens
             vio_batches += 1
     model.train()
     bpb = {d: loss_sum[d] / tokens[d] / LN2 for d in domains}
@@ -127,7 +130,9 @@ def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: in
     load_LE = counts_LED.sum(-1).double()
     load_LE = load_LE / load_LE.sum(-1, keepdim=True).clamp_min(1)
     row.update(max_vio=float(vio_L.mean()), max_vio_by_layer=vio_L.tolist(),
-               expert_load=load_LE.tolist())
+               expert_load=load_LE.tolist(),
+               # parameters each token touched, token-weighted per layer, mean over MoE layers
+               activated_params_mean=float((act_sum / act_tokens.clamp_min(1)).mean()))
     if probe_tokens_per_domain:
         model.eval()
         vendi_L = expert_vendi_by_layer(model, probe_batch(val, probe_tokens_per_domain))
