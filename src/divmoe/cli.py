@@ -29,6 +29,22 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_analyze(args) -> int:
+    from .analyze import analyze
+
+    result = analyze(args.path, args.out, max_bytes=args.max_bytes, progress=not args.quiet)
+    s = result["summary"]
+
+    def f(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    print(f"MaxVio {f(s['max_vio'])}  I(expert; domain) {f(s['mi_bits'])} bits  "
+          f"SRP(m={s['srp_segment_len']}) {f(s['srp'])}  SCH(2k) {f(s['sch_at_2k'])}  "
+          f"CKA {f(s['mean_cka'])}  Vendi {f(s['vendi'])}  (means over MoE layers)")
+    print(f"analysis: {args.out}/analysis.json, {args.out}/analysis.html")
+    return 0
+
+
 def _cmd_config(args) -> int:
     from .config import describe, dump_yaml
     from .train import RunConfig, load_config
@@ -56,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_args(t)
     t.set_defaults(func=_cmd_train)
+
+    an = sub.add_parser("analyze", help="routing/expert diagnostics of a divmoe run or an HF "
+                                        "MoE model folder → analysis.json + analysis.html")
+    an.add_argument("path", help="divmoe run or checkpoint folder, or a Hugging Face MoE "
+                                 "causal-LM folder (config.json + *.safetensors)")
+    an.add_argument("--out", required=True, help="folder for analysis.json and analysis.html")
+    an.add_argument("--max-bytes", type=int, default=32768, metavar="N",
+                    help="validation bytes per domain to run through the model (default 32768)")
+    an.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    an.set_defaults(func=_cmd_analyze)
 
     r = sub.add_parser("report", help="(re)write RUN/report.html from a run folder")
     r.add_argument("run")

@@ -1,0 +1,181 @@
+"""What ``divmoe analyze`` can read: a divmoe run/checkpoint folder or an HF MoE causal-LM folder.
+
+Both become an :class:`AnalysisSource`: the model in eval mode, its sparse layers as divmoe
+:class:`~divmoe.layer.MoE` modules plus a way to see each layer's input and routing during a
+forward pass, and a function that turns a domain's validation text into token windows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..layer import MoE
+
+HF_SEQ_LEN = 128  # tokens per window for HF models (capped by max_position_embeddings)
+
+
+class AnalyzeError(ValueError):
+    """PATH is not something ``divmoe analyze`` can read."""
+
+
+@dataclass
+class AnalysisSource:
+    kind: str                                   # "divmoe" | "hf"
+    path: Path
+    model: nn.Module
+    layer_names: list[str]
+    moes: list[MoE]                             # divmoe view of each sparse layer
+    hook_modules: list[nn.Module]               # the module whose forward is the layer
+    seq_len: int
+    vocab_size: int
+    tokenizer: str                              # "byte" | "hf:<class>" | "byte-fallback"
+    notes: list[str] = field(default_factory=list)
+    encode: Callable[[bytes], torch.Tensor] | None = None   # domain bytes → 1-D token ids
+    forward: Callable[[torch.Tensor], object] | None = None  # tokens [B, S] → anything
+    info: dict = field(default_factory=dict)
+
+
+def _divmoe_checkpoint(path: Path) -> tuple[Path, Path] | None:
+    """(config.yaml, model.safetensors) if ``path`` is a run folder or its checkpoint folder."""
+    for run, ckpt in ((path, path / "checkpoint"), (path, path / "checkpoint.old"),
+                      (path.parent, path)):
+        if (run / "config.yaml").is_file() and (ckpt / "model.safetensors").is_file():
+            return run / "config.yaml", ckpt / "model.safetensors"
+    return None
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and (
+        any(path.glob("*.safetensors")) or any(path.glob("*.bin")))
+
+
+def load_source(path: str | Path) -> AnalysisSource:
+    """Open PATH as a divmoe run/checkpoint folder or an HF MoE causal-LM folder."""
+    path = Path(path)
+    if not path.exists():
+        raise AnalyzeError(f"{path} does not exist")
+    if not path.is_dir():
+        raise AnalyzeError(f"{path} is not a folder: expected a divmoe run folder (config.yaml + "
+                           f"checkpoint/model.safetensors) or a Hugging Face model folder "
+                           f"(config.json + *.safetensors)")
+    found = _divmoe_checkpoint(path)
+    if found is not None:
+        return _load_divmoe(path, *found)
+    if _is_hf_folder(path):
+        return _load_hf(path)
+    raise AnalyzeError(
+        f"{path} is neither a divmoe run folder (needs config.yaml and "
+        f"checkpoint/model.safetensors; a checkpoint folder needs model.safetensors and "
+        f"../config.yaml) nor a Hugging Face model folder (needs config.json and *.safetensors)")
+
+
+# ----------------------------------------------------------------------------- divmoe
+def _load_divmoe(path: Path, config_path: Path, weights: Path) -> AnalysisSource:
+    from safetensors.torch import load_file
+
+    from ..models import MoETransformer
+    from ..train.config import load_config
+
+    cfg = load_config(config_path)
+    model = MoETransformer(cfg.model, cfg.moe)
+    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    if missing or unexpected:
+        raise AnalyzeError(f"{weights} does not match {config_path}: missing "
+                           f"{list(missing)[:3]}, unexpected {list(unexpected)[:3]}")
+    model.eval()
+    idx = model.moe_layers
+    if not idx:
+        raise AnalyzeError(f"{config_path} describes a dense model (model.moe=false): "
+                           f"no MoE layers to analyze")
+    moes = [model.blocks[i].mlp for i in idx]
+
+    def encode(data: bytes) -> torch.Tensor:
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+
+    src = AnalysisSource(kind="divmoe", path=path, model=model,
+                         layer_names=[f"layer {i}" for i in idx], moes=moes, hook_modules=moes,
+                         seq_len=cfg.model.seq_len, vocab_size=cfg.model.vocab_size,
+                         tokenizer="byte", encode=encode, forward=lambda t: model(t))
+    src.info = {"config": str(config_path), "weights": str(weights),
+                "num_experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k,
+                "router": cfg.moe.router, **model.param_counts()}
+    metrics = config_path.parent / "metrics.jsonl"
+    if metrics.is_file():
+        src.info["metrics"] = str(metrics)
+    return src
+
+
+# ----------------------------------------------------------------------------- HF
+def _load_hf(path: Path) -> AnalysisSource:
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError as exc:  # pragma: no cover - transformers is a dependency of the hf extra
+        raise AnalyzeError(f"{path} looks like a Hugging Face model but transformers is not "
+                           f"installed: {exc}") from None
+    from ..hf import find_moe_blocks, moe_from_hf_block
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
+                                                     dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 - surface transformers' reason in one line
+        raise AnalyzeError(f"could not load {path} with transformers "
+                           f"AutoModelForCausalLM: {type(exc).__name__}: {exc}") from None
+    model.eval()
+    blocks = find_moe_blocks(model)
+    if not blocks:
+        raise AnalyzeError(f"{path}: no sparse MoE blocks found in this "
+                           f"{getattr(model.config, 'model_type', '?')} model")
+    moes = []
+    for name, block in blocks:
+        try:
+            moes.append(moe_from_hf_block(block, model.config).eval())
+        except Exception as exc:  # noqa: BLE001
+            raise AnalyzeError(f"{path}: cannot map the MoE block {name} "
+                               f"({type(block).__name__}) to divmoe: {exc}") from None
+    cfg = model.config
+    vocab = int(cfg.vocab_size)
+    seq_len = min(HF_SEQ_LEN, int(getattr(cfg, "max_position_embeddings", HF_SEQ_LEN) or HF_SEQ_LEN))
+    notes: list[str] = []
+    tok_name, encode = "byte-fallback", None
+    has_tok = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model",
+                                                    "tokenizer_config.json", "vocab.json"))
+    if has_tok:
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+            def encode(data: bytes, tok=tok) -> torch.Tensor:
+                ids = tok(data.decode("utf-8", errors="ignore"), add_special_tokens=False)["input_ids"]
+                return torch.tensor(ids, dtype=torch.long)
+
+            tok_name = f"hf:{type(tok).__name__}"
+        except Exception as exc:  # noqa: BLE001
+            notes.append(f"the folder's tokenizer could not be loaded ({type(exc).__name__}: "
+                         f"{exc}); fell back to byte ids modulo vocab_size={vocab}")
+    else:
+        notes.append(f"no tokenizer in {path}: token ids are the UTF-8 bytes modulo "
+                     f"vocab_size={vocab}, so routing reflects byte inputs, not the model's "
+                     f"real tokens")
+    if encode is None:
+        def encode(data: bytes) -> torch.Tensor:
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8).long() % vocab
+
+    def forward(tokens):
+        return model(input_ids=tokens, use_cache=False)
+
+    src = AnalysisSource(kind="hf", path=path, model=model,
+                         layer_names=[name for name, _ in blocks], moes=moes,
+                         hook_modules=[b for _, b in blocks], seq_len=seq_len, vocab_size=vocab,
+                         tokenizer=tok_name, notes=notes, encode=encode, forward=forward)
+    cfg_json = json.loads((path / "config.json").read_text())
+    src.info = {"model_type": cfg.model_type, "architectures": cfg_json.get("architectures"),
+                "num_experts": moes[0].config.num_experts, "top_k": moes[0].config.top_k,
+                "params_total": sum(p.numel() for p in model.parameters())}
+    return src
