@@ -22,6 +22,36 @@ def _cmd_train(args) -> int:
     return 130 if result.interrupted else 0
 
 
+def _cmd_compare(args) -> int:
+    from .compare import Variant, load_study, run_compare, run_seed_claims
+
+    log = (lambda msg: print(msg, file=sys.stderr)) if not args.quiet else (lambda msg: None)
+    if args.study == "seed-claims":
+        if args.configs:
+            raise ValueError("--study seed-claims takes no CONFIG.yaml files")
+        result = run_seed_claims(args.out, quick=args.quick, seeds=args.seeds, log=log,
+                                 lock=args.lock)
+        for r in result["results"]:
+            print(f"claim {r['claim'].number} ({r['claim'].title}): {r['verdict']}")
+        print(f"wall time {result['wall_time_s']:.0f} s; summary: {args.out}/summary.md, "
+              f"report: {args.out}/report.html")
+        return 0
+    if args.quick or args.seeds is not None:
+        raise ValueError("--quick and --seeds apply to --study seed-claims only")
+    base, variants = list(args.set), []
+    if args.study:
+        study_base, variants = load_study(args.study)
+        base = study_base + base
+    from pathlib import Path
+    variants += [Variant(Path(c).stem, config=c) for c in args.configs]
+    if not variants:
+        raise ValueError("nothing to compare: give CONFIG.yaml files and/or --study FILE.yaml "
+                         "(or --study seed-claims)")
+    run_compare(args.out, variants, base, log=log, lock=args.lock)
+    print(f"summary: {args.out}/summary.md, report: {args.out}/report.html")
+    return 0
+
+
 def _cmd_report(args) -> int:
     from .report import write_report
 
@@ -86,6 +116,24 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="(re)write RUN/report.html from a run folder")
     r.add_argument("run")
     r.set_defaults(func=_cmd_report)
+
+    cp = sub.add_parser("compare", help="train configurations on the same data/seed/budget and "
+                                        "compare them (summary.md, report.html)")
+    cp.add_argument("configs", nargs="*", metavar="CONFIG.yaml",
+                    help="one variant per file, named by the file's stem")
+    cp.add_argument("--out", required=True, help="folder: one run folder per variant + summary")
+    cp.add_argument("--study", metavar="FILE.yaml|seed-claims",
+                    help="a study file (base: overrides for all; variants: name → overrides), "
+                         "or the built-in 'seed-claims' study of ALGORITHMS.md's claims")
+    cp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override applied to every variant (repeatable)")
+    cp.add_argument("--quick", action="store_true", help="seed-claims: tiny runs (~1-2 min)")
+    cp.add_argument("--seeds", type=int, default=None,
+                    help="seed-claims: seeds per variant (default 2; 1 with --quick)")
+    cp.add_argument("--lock", metavar="FILE", help="flock FILE while each variant trains (share "
+                                                 "a machine with other heavy jobs)")
+    cp.add_argument("--quiet", action="store_true", help="no per-variant progress on stderr")
+    cp.set_defaults(func=_cmd_compare)
 
     c = sub.add_parser("config", help="list every setting with its default and allowed values")
     c.add_argument("--show-resolved", action="store_true",
