@@ -1,22 +1,13 @@
-"""Smoke test of benchmarks/bench_layer.py in --quick mode: structure of its JSON, no timing claims."""
+"""``divmoe bench --quick``: runs in seconds and gives well-formed JSON and tables. No timing claims."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
+import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_layer.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_layer", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+from divmoe.bench import MODES, QUICK_SHAPES
+from divmoe.cli import main as cli_main
 
 
 def has_transformers():
@@ -28,52 +19,95 @@ def has_transformers():
 
 
 @pytest.fixture(scope="module")
-def quick_result(tmp_path_factory):
-    bench = load_bench()
+def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "quick.json"
-    bench.main(["--quick", "--threads", "1", "--json", str(out)])
-    return bench, json.loads(out.read_text())
+    threads = torch.get_num_threads()
+    try:
+        rc = cli_main(["bench", "--quick", "--train", "--threads", "1", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    return rc, json.loads(out.read_text())
 
 
-def test_quick_rows_cover_every_shape_mode_and_candidate(quick_result):
-    bench, result = quick_result
+def _shape(r):
+    return (r["shape"]["d"], r["shape"]["F"], r["shape"]["E"], r["shape"]["k"])
+
+
+def test_quick_rows_cover_every_shape_mode_and_candidate(quick):
+    rc, result = quick
+    assert rc == 0
     rows = result["rows"]
-    shapes = {(r["shape"]["d"], r["shape"]["F"], r["shape"]["E"], r["shape"]["k"]) for r in rows}
-    assert shapes == set(bench.QUICK_SHAPES)
-    assert result["meta"]["tokens"] == 64 and result["meta"]["repeats"] == 1
-    expected = {"dense", "divmoe", "divmoe+aux+z", "divmoe[native]"}
-    if has_transformers():
-        expected |= {"hf:eager", "hf:grouped_mm"}
-    for shape in shapes:
-        for mode in bench.MODES:
-            names = {r["name"] for r in rows if r["mode"] == mode and
-                     (r["shape"]["d"], r["shape"]["F"], r["shape"]["E"], r["shape"]["k"]) == shape}
+    assert {_shape(r) for r in rows} == set(QUICK_SHAPES)
+    assert result["meta"]["tokens"] == [64] and result["meta"]["repeats"] == 1
+    assert isinstance(result["meta"]["command"], str)  # the exact command line, for the docs
+    expected = {"dense", "divmoe"} | ({"hf:eager", "hf:grouped_mm"} if has_transformers() else set())
+    for shape in QUICK_SHAPES:
+        for mode in MODES:
+            names = {r["name"] for r in rows if r["mode"] == mode and _shape(r) == shape}
             assert expected <= names, (shape, mode, names)
 
 
-def test_quick_times_are_finite_and_positive(quick_result):
-    _, result = quick_result
+def test_quick_times_memory_split_are_finite(quick):
+    _, result = quick
     for r in result["rows"]:
         assert len(r["times_ms"]) == 1
         for t in r["times_ms"] + [r["median_ms"], r["ratio_to_dense"]]:
             assert math.isfinite(t) and t > 0, r
-        for ratio in r.get("ratio_to_hf", {}).values():
-            assert math.isfinite(ratio) and ratio > 0, r
+        for v in r.get("speedup_over", {}).values():
+            assert math.isfinite(v) and v > 0, r
         if r["name"] == "dense":
             assert r["ratio_to_dense"] == pytest.approx(1.0)
+    mem = result["memory"]
+    assert {(_shape(m), m["name"]) for m in mem} >= {(s, "divmoe") for s in QUICK_SHAPES}
+    assert all(m["peak_bytes"] > 0 for m in mem)
+    for s in result["split"]:
+        assert set(s["share"]) == {"router", "dispatch", "experts", "combine", "other"}
+        assert all(0 <= v <= 1 for v in s["share"].values())
+        assert s["share"]["experts"] > 0 and s["share"]["router"] > 0
+        assert sum(s["share"].values()) == pytest.approx(1.0, abs=0.05)
 
 
-def test_quick_divmoe_matches_mixtral_block(quick_result):
-    _, result = quick_result
+def test_quick_train_and_targets(quick):
+    _, result = quick
+    t = result["train"]
+    assert set(t["models"]) == {"moe", "dense"}
+    for m in t["models"].values():
+        assert m["tokens_per_s"] > 0 and len(m["step_ms"]) == 2
+    assert t["moe_over_dense_tokens_per_s"] > 0
+    names = {x["target"] for x in result["targets"]}
+    assert {"fwd+bwd time / dense", "peak fwd+bwd memory / dense",
+            "training tokens/s MoE / dense"} <= names
+    for x in result["targets"]:
+        assert x["met"] in (True, False, None) and x["limit"]
+
+
+def test_quick_divmoe_matches_mixtral_block(quick):
+    _, result = quick
     if not has_transformers():
         pytest.skip("transformers not importable: no Mixtral comparison")
-    checks = [c for c in result["checks"] if c["name"].startswith("divmoe")]
-    assert checks and all(c["against"] == "hf:eager" for c in checks)
+    checks = [c for c in result["checks"] if c["name"] == "divmoe"]
+    assert len(checks) == len(QUICK_SHAPES) and all(c["against"] == "hf:eager" for c in checks)
     for c in result["checks"]:
         assert c["ok"] and c["max_abs_diff"] < 1e-4, c
 
 
-def test_skips_are_explained(quick_result):
-    _, result = quick_result
+def test_skips_are_explained(quick):
+    _, result = quick
     for s in result["skipped"]:
         assert s["reason"]
+
+
+def test_table_for_people(quick, capsys):
+    from divmoe.bench import format_tables
+    _, result = quick
+    text = format_tables(result)
+    assert "| shape (d,ffn,E,k) | tokens | mode | candidate |" in text
+    assert "| target | where | value | limit | met |" in text
+
+
+def test_wrapper_script_and_bad_shape():
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_layer.py"
+    assert "divmoe.bench" in script.read_text()
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--shape", "1,2,3"])

@@ -87,6 +87,13 @@ def _cmd_config(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from .bench import run
+
+    out = run(args)
+    return 1 if any(not c["ok"] for c in out["checks"]) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="divmoe", description="Mixtures of diverse, balanced experts.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -140,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the configuration that --config/--set resolve to")
     add_config_args(c)
     c.set_defaults(func=_cmd_config)
+
+    from .bench import add_arguments as add_bench_arguments
+    b = sub.add_parser("bench", help="benchmark the MoE layer against its dense equivalent and "
+                                     "peers (time, memory, split; --train: training tokens/s)")
+    add_bench_arguments(b)
+    b.set_defaults(func=_cmd_bench)
     return p
 
 

@@ -56,8 +56,53 @@ def grouped_mm(x_SD: torch.Tensor, w_EDH: torch.Tensor, offs_E: torch.Tensor) ->
     """
     if _NATIVE_GROUPED_MM and x_SD.shape[0] > 0 and _native_ok(x_SD, w_EDH):
         return torch._grouped_mm(x_SD.contiguous(), w_EDH, offs=offs_E)
-    bounds = [0] + offs_E.tolist()
-    return torch.cat([x_SD[bounds[e]:bounds[e + 1]] @ w_EDH[e] for e in range(w_EDH.shape[0])])
+    return _LoopGroupedMM.apply(x_SD, w_EDH, [0] + offs_E.tolist())
+
+
+class _LoopGroupedMM(torch.autograd.Function):
+    """The loop fallback of :func:`grouped_mm`: per-expert matmuls written into preallocated
+    outputs, forward and backward.
+
+    Autograd of the plain loop (``cat([x[a:b] @ w[e] for e])``) would, in backward, build a
+    zero tensor as large as all of ``x`` for every slice and one as large as all of ``w`` for
+    every ``w[e]`` select, and add them up: O(E) full-size fills and adds per call. Here
+    ``grad_x`` rows and ``grad_w[e]`` are each written once by one matmul; only experts with
+    no rows get an explicit zero gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x_SD, w_EDH, bounds):
+        ctx.save_for_backward(x_SD, w_EDH)
+        ctx.bounds = bounds
+        out_SH = x_SD.new_empty(bounds[-1], w_EDH.shape[2],  # rows past the last offset: none
+                                dtype=torch.promote_types(x_SD.dtype, w_EDH.dtype))
+        for e in range(w_EDH.shape[0]):
+            a, b = bounds[e], bounds[e + 1]
+            if b > a:
+                torch.mm(x_SD[a:b], w_EDH[e], out=out_SH[a:b])
+        return out_SH
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_SH):
+        x_SD, w_EDH = ctx.saved_tensors
+        bounds = ctx.bounds
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_SH = grad_SH.contiguous()
+        grad_x = torch.empty_like(x_SD, memory_format=torch.contiguous_format) if need_x else None
+        grad_w = torch.empty_like(w_EDH, memory_format=torch.contiguous_format) if need_w else None
+        if need_x and bounds[-1] < x_SD.shape[0]:
+            grad_x[bounds[-1]:].zero_()
+        for e in range(w_EDH.shape[0]):
+            a, b = bounds[e], bounds[e + 1]
+            if need_w:
+                if b > a:
+                    torch.mm(x_SD[a:b].t(), grad_SH[a:b], out=grad_w[e])
+                else:
+                    grad_w[e].zero_()
+            if need_x and b > a:
+                torch.mm(grad_SH[a:b], w_EDH[e].t(), out=grad_x[a:b])
+        return grad_x, grad_w, None
 
 
 def _native_ok(x_SD: torch.Tensor, w_EDH: torch.Tensor) -> bool:
