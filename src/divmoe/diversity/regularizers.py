@@ -39,7 +39,14 @@ Expert-output Vendi (evaluation only, see :func:`expert_output_vendi`): the E ex
 layer are the items; expert e's feature vector is its output on a fixed probe set, centred
 over the probe tokens and flattened, ``f_e = vec(Y_e − mean_p Y_e) ∈ R^{P·D}``; the Vendi
 score of the cosine kernel of the f_e (linear CKA-like similarity of the experts' functions
-on the probe) ranges from 1 (all experts compute the same function up to scale) to E.
+on the probe) ranges from 1 (all experts compute the same function up to scale) to E. This
+is the definition of :func:`divmoe.diagnostics.diversity.expert_output_vendi` (``divmoe
+analyze``), so training-time and post-hoc numbers agree; here an expert whose output is
+constant on the probe (nothing to normalise) counts as distinct instead of raising.
+The training loop logs it per evaluation on a fixed probe (the first ⌈256 / seq_len⌉
+validation windows of every domain): metrics keys ``expert_vendi`` (mean over MoE layers) and
+``expert_vendi_by_layer``, computed from the hidden states entering each MoE layer (forward
+pre-hooks during one extra eval-mode forward; nothing runs in the training step).
 """
 
 from __future__ import annotations
