@@ -87,6 +87,13 @@ def _cmd_config(args) -> int:
     return 0
 
 
+def _cmd_list(args) -> int:
+    from .registry import format_listing
+
+    print(format_listing())
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from .bench import run
 
@@ -147,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the configuration that --config/--set resolve to")
     add_config_args(c)
     c.set_defaults(func=_cmd_config)
+
+    ls = sub.add_parser("list", help="list every router, balancer, expert layout and dispatch "
+                                     "kind with a description and the settings it reads")
+    ls.set_defaults(func=_cmd_list)
 
     from .bench import add_arguments as add_bench_arguments
     b = sub.add_parser("bench", help="benchmark the MoE layer against its dense equivalent and "
