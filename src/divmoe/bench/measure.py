@@ -88,6 +88,15 @@ def peak_memory(c, x: torch.Tensor, grads_out: dict) -> int:
     return int(peak)
 
 
+def _in_backward(e) -> bool:
+    p = e
+    while p is not None:
+        if p.name.startswith("autograd::engine::evaluate_function:"):
+            return True
+        p = p.cpu_parent
+    return False
+
+
 class _RouterRange:
     """Forward pre/post hooks that open and close a ``divmoe.router`` profiler range."""
 
@@ -134,17 +143,20 @@ def split_layer(c, x: torch.Tensor, grads_out: dict, top_ops: int = 15) -> dict:
     for e in events:
         if e.name in SPLIT_RANGES:
             fwd_us[e.name] += e.cpu_time_total
-    for e in events:  # ops with an autograd sequence number, mapped to their enclosing range
-        if e.sequence_nr is None or e.sequence_nr < 0 or e.name.startswith("autograd::"):
-            continue
+    # Every forward op carries the autograd sequence counter's current value; the op that creates
+    # a backward node takes it and increments it, so the *last* forward op (in time) with number
+    # N created node N: its enclosing range owns the backward node with number N.
+    fwd_ops = sorted((e for e in events if e.sequence_nr is not None and e.sequence_nr >= 0
+                      and not _in_backward(e)), key=lambda e: e.time_range.start)
+    for e in fwd_ops:
         p = e.cpu_parent
         while p is not None and p.name not in SPLIT_RANGES:
             p = p.cpu_parent
-        if p is not None:
-            seq_range.setdefault(e.sequence_nr, p.name)
+        seq_range[e.sequence_nr] = p.name if p is not None else None
     bwd_us = defaultdict(float)
     for e in events:
-        if e.name.startswith("autograd::engine::evaluate_function:") and e.sequence_nr in seq_range:
+        if e.name.startswith("autograd::engine::evaluate_function:") \
+                and seq_range.get(e.sequence_nr) is not None:
             bwd_us[seq_range[e.sequence_nr]] += e.cpu_time_total
     total_us = layer.cpu_time_total
     parts = {r.split(".", 1)[1]: fwd_us[r] + bwd_us[r] for r in SPLIT_RANGES}

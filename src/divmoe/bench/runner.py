@@ -276,7 +276,7 @@ def format_tables(out) -> str:
     if out["targets"]:
         lines = ["| target | where | value | limit | met |", "|---|---|---|---|---|"]
         for t in out["targets"]:
-            v = "n/a" if t["value"] is None else f"{t['value']:.2f}"
+            v = "n/a" if t["value"] is None else f"{t['value']:.3f}"
             met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
             lines.append(f"| {t['target']} | {t['where']} | {v} | {t['limit']} | {met} |")
         parts.append("\n".join(lines))
