@@ -6,7 +6,7 @@ Steps (T tokens, K slots per token, R = routed (non-empty) slots ≤ T·K):
   2. Gather token rows into that order: x_RD = x_TD[order_S // K][:R].
   3. One grouped computation over all experts (``experts.grouped``).
   4. Gather the rows back into slot order, y_TKD = y_SD[rank_S], and combine each token's
-     K rows with its weights in one batched matmul: out_TD = w_T1K @ y_TKD.
+     K rows with its weights: out_TD = Σ_k w_TK · y_TKD.
 
 Both directions are *gathers*. Their gradients are gathers too (through the inverse
 permutation), so no step scatters with index_add, which on CPU is the slow part of the
@@ -75,5 +75,7 @@ def dispatch_combine(x_TD: torch.Tensor, plan: RoutingPlan, experts) -> torch.Te
     with torch.profiler.record_function("divmoe.combine"):
         y_TKD = _GatherRows.apply(y_RD, rank_S, routed_order_R, 1).view(T, K, -1) if R == T * K \
             else _gather_padded(y_RD, rank_S).view(T, K, -1)
-        w_T1K = plan.weights_TK.to(y_TKD.dtype).unsqueeze(1)
-        return torch.bmm(w_T1K, y_TKD).squeeze(1).to(x_TD.dtype)
+        # A multiply and a sum over K, not bmm: [T,1,K] @ [T,K,D] with small K makes CPU bmm
+        # run T tiny matmuls: ~12% of the layer's CPU time at d=128, E=8, k=2 (profiled).
+        w_TK1 = plan.weights_TK.to(y_TKD.dtype).unsqueeze(-1)
+        return (y_TKD * w_TK1).sum(1).to(x_TD.dtype)
