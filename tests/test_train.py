@@ -110,3 +110,15 @@ def test_cli_train_and_report(tmp_path, capsys):
     assert main(args + ["--set", "train.steps=4"]) == 0
     assert "val_bpb" in capsys.readouterr().out
     assert main(["report", str(out)]) == 0
+
+
+def test_dense_baseline_matches_active_width():
+    from divmoe.layer import MoEConfig
+    from divmoe.models.transformer import dense_equivalent_hidden
+
+    assert dense_equivalent_hidden(MoEConfig(top_k=2, expert_hidden=64)) == 128
+    assert dense_equivalent_hidden(MoEConfig(top_k=2, expert_hidden=64, num_shared_experts=1)) == 192
+    assert dense_equivalent_hidden(MoEConfig(top_k=2, expert_hidden=64, num_shared_experts=1,
+                                             shared_expert_hidden=24)) == 152
+    assert dense_equivalent_hidden(MoEConfig(num_experts=4, top_k=2,
+                                             expert_widths=[32, 96, 64, 64])) == 128

@@ -67,6 +67,14 @@ def apply_rope(x_BSNH: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x_BSNH.dtype)
 
 
+def dense_equivalent_hidden(c: MoEConfig) -> int:
+    """Hidden width of the dense MLP doing a token's active MoE work: k routed experts (of
+    mean width, for heterogeneous experts) plus the shared experts."""
+    routed = sum(c.expert_widths) / len(c.expert_widths) if c.expert_widths else c.expert_hidden
+    shared = c.shared_expert_hidden or c.num_shared_experts * c.expert_hidden
+    return max(1, round(c.top_k * routed) + shared)
+
+
 class Block(nn.Module):
     def __init__(self, mc: ModelConfig, moe_cfg: MoEConfig, use_moe: bool):
         super().__init__()
@@ -76,8 +84,7 @@ class Block(nn.Module):
         if use_moe:
             self.mlp = MoE(mc.d_model, moe_cfg)
         else:
-            self.mlp = SwiGLU(mc.d_model, (moe_cfg.top_k + moe_cfg.num_shared_experts)
-                              * moe_cfg.expert_hidden)
+            self.mlp = SwiGLU(mc.d_model, dense_equivalent_hidden(moe_cfg))
 
     @property
     def is_moe(self) -> bool:
