@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from divmoe.config import ConfigError
-from divmoe.dispatch import dispatch_combine, reference_dispatch_combine
 from divmoe.experts import (EXPERT_LAYOUTS, HeteroSwiGLU, LoRASwiGLU, StackedSwiGLU,
                             activated_params)
 from divmoe.layer import MoE, MoEConfig, SwiGLU

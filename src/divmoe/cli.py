@@ -8,7 +8,7 @@ import sys
 
 
 def _cmd_train(args) -> int:
-    from .train import RunError, load_config, train
+    from .train import load_config, train
 
     config = None
     if args.config or args.set or not args.resume:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def require_zero_bias(router: str, selection_bias_E: torch.Tensor | None) -> None:
@@ -28,3 +29,10 @@ def jittered(x_TD: torch.Tensor, jitter: float, training: bool) -> torch.Tensor:
     if training and jitter > 0:
         return x_TD * torch.empty_like(x_TD).uniform_(1.0 - jitter, 1.0 + jitter)
     return x_TD
+
+
+def linear_gate(d_model: int, num_outputs: int) -> nn.Linear:
+    """The router's gate: a bias-free linear map, initialised so logits start at unit scale."""
+    gate = nn.Linear(d_model, num_outputs, bias=False)
+    nn.init.normal_(gate.weight, std=d_model ** -0.5)
+    return gate

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import finish_weights, jittered, require_zero_bias
+from ._common import finish_weights, jittered, linear_gate, require_zero_bias
 from .plan import RoutingPlan
 
 
@@ -29,8 +29,7 @@ class DynamicTopPRouter(nn.Module):
         self.num_experts, self.k_max, self.top_p = cfg.num_experts, cfg.top_k, cfg.top_p
         self.renormalize, self.routed_scaling, self.jitter = \
             cfg.renormalize, cfg.routed_scaling, cfg.jitter
-        self.gate = nn.Linear(d_model, cfg.num_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=d_model ** -0.5)
+        self.gate = linear_gate(d_model, cfg.num_experts)
 
     def forward(self, x_TD: torch.Tensor, selection_bias_E: torch.Tensor | None = None,
                 token_ids_T: torch.Tensor | None = None) -> RoutingPlan:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import jittered, require_zero_bias
+from ._common import jittered, linear_gate, require_zero_bias
 from .plan import RoutingPlan
 
 
@@ -39,8 +39,7 @@ class ExpertChoiceRouter(nn.Module):
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.capacity_factor = cfg.capacity_factor
         self.routed_scaling, self.jitter = cfg.routed_scaling, cfg.jitter
-        self.gate = nn.Linear(d_model, cfg.num_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=d_model ** -0.5)
+        self.gate = linear_gate(d_model, cfg.num_experts)
 
     def forward(self, x_TD: torch.Tensor, selection_bias_E: torch.Tensor | None = None,
                 token_ids_T: torch.Tensor | None = None) -> RoutingPlan:

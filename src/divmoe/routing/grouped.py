@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import finish_weights, jittered
+from ._common import finish_weights, jittered, linear_gate
 from .plan import RoutingPlan
 
 
@@ -26,8 +26,7 @@ class GroupedRouter(nn.Module):
         self.num_experts, self.top_k, self.n_groups = cfg.num_experts, cfg.top_k, cfg.n_groups
         self.renormalize, self.routed_scaling, self.jitter = \
             cfg.renormalize, cfg.routed_scaling, cfg.jitter
-        self.gate = nn.Linear(d_model, cfg.num_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=d_model ** -0.5)
+        self.gate = linear_gate(d_model, cfg.num_experts)
 
     def forward(self, x_TD: torch.Tensor, selection_bias_E: torch.Tensor | None = None,
                 token_ids_T: torch.Tensor | None = None) -> RoutingPlan:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import finish_weights, jittered
+from ._common import finish_weights, jittered, linear_gate
 from .plan import RoutingPlan
 
 
@@ -45,8 +45,7 @@ class NullExpertRouter(nn.Module):
             cfg.renormalize, cfg.routed_scaling, cfg.jitter
         self.null_target = cfg.null_target if cfg.null_target > 0 else \
             cfg.num_null_experts / (cfg.num_experts + cfg.num_null_experts)
-        self.gate = nn.Linear(d_model, cfg.num_experts + cfg.num_null_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=d_model ** -0.5)
+        self.gate = linear_gate(d_model, cfg.num_experts + cfg.num_null_experts)
 
     def forward(self, x_TD: torch.Tensor, selection_bias_E: torch.Tensor | None = None,
                 token_ids_T: torch.Tensor | None = None) -> RoutingPlan:

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from ._common import finish_weights, jittered, require_zero_bias
+from ._common import finish_weights, jittered, linear_gate, require_zero_bias
 from .plan import RoutingPlan
 
 
@@ -51,8 +51,7 @@ class SinkhornRouter(nn.Module):
         self.iters, self.tol = cfg.sinkhorn_iters, cfg.sinkhorn_tol
         self.renormalize, self.routed_scaling, self.jitter = \
             cfg.renormalize, cfg.routed_scaling, cfg.jitter
-        self.gate = nn.Linear(d_model, cfg.num_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=d_model ** -0.5)
+        self.gate = linear_gate(d_model, cfg.num_experts)
 
     def forward(self, x_TD: torch.Tensor, selection_bias_E: torch.Tensor | None = None,
                 token_ids_T: torch.Tensor | None = None) -> RoutingPlan:

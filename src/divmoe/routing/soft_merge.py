@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import jittered, require_zero_bias
+from ._common import jittered, linear_gate, require_zero_bias
 from .plan import RoutingPlan
 
 
@@ -60,8 +60,7 @@ class SoftMergeRouter(nn.Module):
     def __init__(self, d_model: int, cfg):
         super().__init__()
         self.num_experts, self.jitter = cfg.num_experts, cfg.jitter
-        self.gate = nn.Linear(d_model, cfg.num_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=d_model ** -0.5)
+        self.gate = linear_gate(d_model, cfg.num_experts)
 
     def forward(self, x_TD: torch.Tensor, selection_bias_E: torch.Tensor | None = None,
                 token_ids_T: torch.Tensor | None = None,
@@ -73,7 +72,6 @@ class SoftMergeRouter(nn.Module):
         G, S = groups if groups is not None else ((1, T) if T else (0, 0))
         if G * S != T:
             raise ValueError(f"soft_merge groups {G}×{S} do not cover the {T} tokens")
-        E = self.num_experts
         if T == 0:
             logits_TE = self.gate(x_TD)
             return RoutingPlan(torch.zeros(0, 1, dtype=torch.int64, device=x_TD.device),

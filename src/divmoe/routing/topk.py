@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._common import jittered, linear_gate
 from .plan import RoutingPlan
 
 
@@ -33,15 +34,11 @@ class TopKRouter(nn.Module):
         self.score_func, self.renormalize = cfg.score_func, cfg.renormalize
         self.n_groups, self.topk_groups = cfg.n_groups, cfg.topk_groups
         self.routed_scaling, self.jitter = cfg.routed_scaling, cfg.jitter
-        self.gate = nn.Linear(d_model, cfg.num_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=d_model ** -0.5)
+        self.gate = linear_gate(d_model, cfg.num_experts)
 
     def forward(self, x_TD: torch.Tensor, selection_bias_E: torch.Tensor | None = None,
                 token_ids_T: torch.Tensor | None = None) -> RoutingPlan:
-        if self.training and self.jitter > 0:
-            noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-            x_TD = x_TD * noise
-        logits_TE = self.gate(x_TD)
+        logits_TE = self.gate(jittered(x_TD, self.jitter, self.training))
         if self.score_func == "softmax":
             scores_TE = logits_TE.float().softmax(dim=-1)
             probs_TE = scores_TE

@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from ..config import ConfigError, dump_yaml, to_dict
 from ..data.corpus import domains, load_corpus
 from ..data.mixture import MixtureSampler, unigram_entropy_bits, validation_set
-from ..diagnostics.load import max_vio
 from ..models import MoETransformer
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig, load_config
