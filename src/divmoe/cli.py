@@ -173,11 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"divmoe: error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        if type(exc).__name__ != "RunError":
+    except Exception as exc:
+        from .train import RunError
+
+        if not isinstance(exc, (ValueError, FileNotFoundError, RunError)):
             raise
         print(f"divmoe: error: {exc}", file=sys.stderr)
         return 2
