@@ -122,3 +122,31 @@ def test_dense_baseline_matches_active_width():
                                              shared_expert_hidden=24)) == 152
     assert dense_equivalent_hidden(MoEConfig(num_experts=4, top_k=2,
                                              expert_widths=[32, 96, 64, 64])) == 128
+
+
+def test_ctrl_c_stops_at_a_step_boundary_and_resumes_exactly(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    overrides = TINY + ["train.steps=120", "train.eval_every=10"]
+    full = train(tmp_path / "full", load_config(None, overrides), progress=False)
+    run = tmp_path / "cut"
+    args = [sys.executable, "-m", "divmoe.cli", "train", "--out", str(run), "--quiet"]
+    args += [a for kv in overrides for a in ("--set", kv)]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "continue with --resume" in err
+    train(run, None, resume=True, progress=False)
+    assert strip_timing(read_metrics(run)) == strip_timing(full.metrics)

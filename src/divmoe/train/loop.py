@@ -14,6 +14,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,6 +156,28 @@ def _rewrite_metrics(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+class _StopAtStepBoundary:
+    """First Ctrl-C asks the loop to stop after the current step (then it checkpoints);
+    a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to abort)", file=sys.stderr)
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -251,11 +276,12 @@ def train(out: str | Path, config: RunConfig | None = None, resume: bool = False
                dynamic_ncols=True, desc=f"train {run_dir.name}")
     interrupted = False
     t_start = time.perf_counter() - state["elapsed"]
+    ctrl_c = _StopAtStepBoundary()
     try:
         if state["step"] == 0 and not metrics:
             run_eval()
         while state["step"] < steps:
-            if stop_after is not None and state["step"] >= stop_after:
+            if ctrl_c.requested or (stop_after is not None and state["step"] >= stop_after):
                 interrupted = True
                 break
             t0 = time.perf_counter()
@@ -294,13 +320,18 @@ def train(out: str | Path, config: RunConfig | None = None, resume: bool = False
                 row = run_eval()
                 bar.set_postfix(val_bpb=f"{row['val_bpb']:.3f}")
     except KeyboardInterrupt:
-        interrupted = True
-        checkpoint()  # nothing lost: the running-loss state is in the checkpoint too
-        bar.write(f"interrupted at step {state['step']}; resume with --resume")
+        # A second Ctrl-C: the step in flight may be half-applied, so keep the last checkpoint.
+        bar.close()
+        ctrl_c.restore()
+        print(f"aborted; {run_dir / 'checkpoint'} holds the last complete state", file=sys.stderr)
+        raise
     finally:
         bar.close()
-    if interrupted and stop_after is not None:
-        checkpoint()
+        ctrl_c.restore()
+    if interrupted:
+        checkpoint()  # nothing lost: the running-loss state is in the checkpoint too
+        if ctrl_c.requested:
+            print(f"interrupted at step {state['step']}; continue with --resume", file=sys.stderr)
     state["elapsed"] = time.perf_counter() - t_start
     write_summary(interrupted)
     from ..report import write_report
