@@ -20,8 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import inspect
-
 from .balance import (AUX_LOSS_SCOPES, BALANCE_LOSSES, BALANCERS, CAPACITY_OVERFLOW,
                       BalanceContext, apply_capacity, update_selection_bias)
 from .balance.aux_scope import global_counts
@@ -254,9 +252,6 @@ class MoE(nn.Module):
         self._losses = {name: (BALANCE_LOSSES[name], getattr(c, f"{name}_weight"))
                         for name in c.balance if name in BALANCE_LOSSES}
         self._diversity = {name: getattr(c, f"{name}_weight") for name in c.diversity}
-        # Losses that take a BalanceContext as well as the plan.
-        self._ctx_losses = {name for name, (fn, _) in self._losses.items()
-                            if len(inspect.signature(fn).parameters) > 1}
         if c.dirichlet_alpha_per_expert is not None:
             alpha_E = torch.tensor(c.dirichlet_alpha_per_expert, dtype=torch.float64)
         else:
@@ -334,12 +329,14 @@ class MoE(nn.Module):
 
         aux = x_TD.new_zeros((), dtype=torch.float32)
         losses = {}
-        ctx = self._balance_context(x, plan) if self._ctx_losses else None
+        # Every balance loss takes (plan, ctx): ctx carries what the plan alone lacks
+        # (sequence shape, step-wide counts, expert sizes, Dirichlet concentrations).
+        ctx = self._balance_context(x, plan) if self._losses else None
         for name, (fn, weight) in self._losses.items():
             if plan.num_tokens == 0:  # a mean over no tokens is NaN; nothing to balance
                 losses[name] = 0.0
                 continue
-            value = fn(plan, ctx) if name in self._ctx_losses else fn(plan)
+            value = fn(plan, ctx)
             losses[name] = float(value.detach())
             aux = aux + weight * value
         if self._diversity and self.training and plan.num_tokens:
