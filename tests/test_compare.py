@@ -52,6 +52,8 @@ def test_interrupted_variant_is_resumed(tmp_path):
     logs = []
     summaries = run_compare(tmp_path, [v], TINY, log=logs.append)
     assert logs[0].startswith("a: resumed") and summaries[0]["step"] == 4
+    with pytest.raises(ConfigError, match="different configuration"):
+        run_compare(tmp_path, [Variant("a", ["moe.top_k=1"])], TINY)
 
 
 def test_study_file_and_errors(tmp_path):

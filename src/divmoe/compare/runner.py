@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, apply_overrides
+from ..config import ConfigError, apply_overrides, to_dict
 from ..train import load_config, train
 from ..train.checkpoint import find_checkpoint
 
@@ -123,6 +123,13 @@ def train_variant(out: Path, variant: Variant, base: list[str] = (), progress: b
     'trained'. ``lock``: a file to flock while training (taken per variant, not per study)."""
     cfg = variant.resolve(base)
     run = Path(out) / variant.name
+    if (run / "config.yaml").exists():
+        saved = load_config(run / "config.yaml")
+        a, b = to_dict(cfg), to_dict(saved)
+        a["train"]["steps"] = b["train"]["steps"]  # a longer budget resumes the run
+        if a != b:
+            raise ConfigError(f"{run} holds a run of a different configuration than variant "
+                              f"{variant.name!r}; choose another --out or remove that folder")
     if _finished(run, cfg.train.steps):
         return "done"
     with _locked(lock):

@@ -8,7 +8,7 @@ verdicts look at the paired per-seed differences.
 Verdict rules (``judge_*``):
   * a directional claim ("lower MaxVio", "higher MI", "fewer steps") is *reproduced* when the
     paired difference has the claimed sign for every seed and the mean difference is larger
-    than the tolerance; *not reproduced* when it has the opposite sign for every seed (or is
+    than the tolerance (0, except activated params: 1% of the baseline's); *not reproduced* when it has the opposite sign for every seed (or is
     within tolerance for every seed: no effect); *inconclusive* when seeds disagree;
   * a "no worse / similar val loss" side condition holds when the mean val-bpb difference is
     within the noise tolerance: max(0.02 bpb, 2 × the largest seed-to-seed spread of the
@@ -176,6 +176,8 @@ def judge(claim: Claim, runs: dict[str, list[dict]]) -> dict:
     if n == 3:
         diffs = [(-1e9 if x < y else 1e9 if x > y else 0.0) if math.isinf(x) or math.isinf(y)
                  else x - y for x, y in zip(va, vb)]
+    if n in (4, 5):  # a saving counts only beyond 1% of the baseline's activated params
+        mtol = 0.01 * sum(vb) / len(vb)
     main = _direction(diffs, better, mtol)
     extra = []
     if n == 6:  # equal activated params is part of the setting, check it held
