@@ -230,13 +230,14 @@ def run_seed_claims(out: str | Path, quick: bool = False, seeds: int | None = No
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     per_variant: dict[str, list[dict]] = {v.name: [] for v in vs}
-    all_summaries = []
+    all_summaries, trained = [], 0
     for seed in range(seeds):
         for v in vs:
             sv = Variant(f"{v.name}-s{seed}", v.overrides + [f"train.seed={seed}"])
             t0 = time.perf_counter()
             how = train_variant(out, sv, base, progress=progress, lock=lock)
             log(f"{sv.name}: {how} ({time.perf_counter() - t0:.0f} s)")
+            trained += how != "done"
             s = variant_summary(out / sv.name)
             per_variant[v.name].append(s)
             all_summaries.append(s)
@@ -246,8 +247,9 @@ def run_seed_claims(out: str | Path, quick: bool = False, seeds: int | None = No
     mode = "--quick" if quick else "full"
     head = (f"# seed-claims study ({mode})\n\nClaims of `ALGORITHMS.md` re-run at small scale: "
             f"{len(vs)} variants × {seeds} seed(s), each `{' '.join(base)}` plus the variant's "
-            f"overrides. Wall time of this invocation {wall:.0f} s; sum of the runs' training "
-            f"wall times {train_wall:.0f} s.\n\n## Claims\n\n")
+            f"overrides. Wall time of this invocation {wall:.0f} s ({trained} of "
+            f"{len(all_summaries)} runs trained by it, the rest reused); sum of the runs' "
+            f"wall times (training + evaluation) {train_wall:.0f} s.\n\n## Claims\n\n")
     scale = ("the --quick setting: a few steps of a tiny model; verdicts are plumbing, not evidence"
              if quick else "400 steps of a 2-layer d=64 byte LM")
     text = head + claims_markdown(results) + "\n" + _RULES.format(scale=scale) + "\n## Runs\n\n" + \
