@@ -12,6 +12,9 @@ from divmoe.experts import (EXPERT_LAYOUTS, HeteroSwiGLU, LoRASwiGLU, StackedSwi
 from divmoe.layer import MoE, MoEConfig, SwiGLU
 from divmoe.routing import ROUTERS, RoutingPlan
 
+import equivalence
+from equivalence import assert_same_forward_backward, force_expert, grads
+
 LAYOUTS = {
     "stacked": dict(expert_layout="swiglu"),
     "hetero": dict(expert_layout="swiglu", expert_widths=[1, 4, 4, 9, 2, 9]),  # unsorted buckets
@@ -31,42 +34,10 @@ def perturb_lora(module):
 
 
 def pair(d, dtype=torch.float64, **kw):
-    """The same layer twice: fast dispatch and reference dispatch, identical weights."""
-    fast = MoE(d, MoEConfig(dispatch="grouped", **kw)).to(dtype)
+    fast, ref = equivalence.pair(d, dtype=dtype, **kw)
     perturb_lora(fast)
-    ref = MoE(d, MoEConfig(dispatch="reference", **kw)).to(dtype)
     ref.load_state_dict(fast.state_dict())
     return fast, ref
-
-
-def grads(module):
-    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
-
-
-def assert_same_forward_backward(fast, ref, x, atol, rtol, all_grads=True):
-    x1 = x.clone().requires_grad_(True)
-    x2 = x.clone().requires_grad_(True)
-    o1, o2 = fast(x1), ref(x2)
-    torch.testing.assert_close(o1.output, o2.output, atol=atol, rtol=rtol)
-    torch.testing.assert_close(o1.aux_loss, o2.aux_loss, atol=atol, rtol=rtol)
-    g = torch.randn_like(o1.output)
-    ((o1.output * g).sum() + o1.aux_loss).backward()
-    ((o2.output * g).sum() + o2.aux_loss).backward()
-    torch.testing.assert_close(x1.grad, x2.grad, atol=atol, rtol=rtol)
-    g1, g2 = grads(fast), grads(ref)
-    trainable = {n for n, p in fast.named_parameters() if p.requires_grad}
-    assert g1.keys() == g2.keys() and set(g1) <= trainable
-    if all_grads:
-        assert set(g1) == trainable
-    for name in g1:
-        torch.testing.assert_close(g1[name], g2[name], atol=atol, rtol=rtol, msg=name)
-    return o1
-
-
-def force_expert(moe, expert):
-    with torch.no_grad():
-        moe.router.gate.weight.zero_()
-        moe.router.gate.weight[expert] = 10.0
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -12,34 +12,7 @@ from divmoe.dispatch import dispatch_combine, reference_dispatch_combine
 from divmoe.experts import StackedSwiGLU
 from divmoe.layer import MoE, MoEConfig
 from divmoe.routing import RoutingPlan
-
-
-def pair(d, **kw):
-    """The same layer twice: fast dispatch and reference dispatch, identical weights."""
-    fast = MoE(d, MoEConfig(dispatch="grouped", **kw))
-    ref = MoE(d, MoEConfig(dispatch="reference", **kw))
-    ref.load_state_dict(fast.state_dict())
-    return fast, ref
-
-
-def grads(module):
-    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
-
-
-def assert_same_forward_backward(fast, ref, x, atol, rtol):
-    x1 = x.clone().requires_grad_(True)
-    x2 = x.clone().requires_grad_(True)
-    o1, o2 = fast(x1), ref(x2)
-    torch.testing.assert_close(o1.output, o2.output, atol=atol, rtol=rtol)
-    torch.testing.assert_close(o1.aux_loss, o2.aux_loss, atol=atol, rtol=rtol)
-    g = torch.randn_like(o1.output)
-    ((o1.output * g).sum() + o1.aux_loss).backward()
-    ((o2.output * g).sum() + o2.aux_loss).backward()
-    torch.testing.assert_close(x1.grad, x2.grad, atol=atol, rtol=rtol)
-    g1, g2 = grads(fast), grads(ref)
-    assert g1.keys() == g2.keys() and len(g1) == len(list(fast.parameters()))
-    for name in g1:
-        torch.testing.assert_close(g1[name], g2[name], atol=atol, rtol=rtol, msg=name)
+from equivalence import assert_same_forward_backward, force_expert, pair
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -82,13 +55,6 @@ def test_group_limited_selects_only_from_top_groups():
     plan = moe.router(x)
     groups = plan.expert_ids_TK // 2
     assert (groups[:, 0] == groups[:, 1]).all()
-
-
-def force_expert(moe, expert):
-    """Make every token route to ``expert`` first (gate dominated by one column)."""
-    with torch.no_grad():
-        moe.router.gate.weight.zero_()
-        moe.router.gate.weight[expert] = 10.0
 
 
 def test_all_tokens_on_one_expert_and_empty_experts():

@@ -16,6 +16,9 @@ from divmoe.routing.hash import hash_keys
 from divmoe.routing.null_experts import null_usage_loss
 from divmoe.routing.sinkhorn import sinkhorn_log
 
+import equivalence
+from equivalence import assert_same_forward_backward
+
 # Per router: config overrides that make it valid and exercise its options.
 ROUTER_KW = {
     "topk": dict(num_experts=6, top_k=2),
@@ -42,10 +45,7 @@ def cfg(**kw):
 
 
 def pair(d, **kw):
-    fast = MoE(d, MoEConfig(dispatch="grouped", **kw))
-    ref = MoE(d, MoEConfig(dispatch="reference", **kw))
-    ref.load_state_dict(fast.state_dict())
-    return fast.double(), ref.double()
+    return equivalence.pair(d, dtype=torch.float64, **kw)
 
 
 def token_ids(shape, vocab=50, seed=0):
@@ -53,22 +53,7 @@ def token_ids(shape, vocab=50, seed=0):
 
 
 def check_fast_equals_reference(fast, ref, x, ids, tol=1e-10):
-    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    o1, o2 = fast(x1, token_ids=ids), ref(x2, token_ids=ids)
-    torch.testing.assert_close(o1.output, o2.output, atol=tol, rtol=tol)
-    torch.testing.assert_close(o1.aux_loss, o2.aux_loss, atol=tol, rtol=tol)
-    assert torch.equal(o1.stats.expert_ids, o2.stats.expert_ids)
-    g = torch.randn_like(o1.output)
-    ((o1.output * g).sum() + o1.aux_loss).backward()
-    ((o2.output * g).sum() + o2.aux_loss).backward()
-    torch.testing.assert_close(x1.grad, x2.grad, atol=tol, rtol=tol)
-    p1, p2 = dict(fast.named_parameters()), dict(ref.named_parameters())
-    for name, p in p1.items():
-        if p.grad is None:
-            assert p2[name].grad is None, name
-            continue
-        torch.testing.assert_close(p.grad, p2[name].grad, atol=tol, rtol=tol, msg=name)
-    return o1
+    return assert_same_forward_backward(fast, ref, x, tol, tol, token_ids=ids, all_grads=False)
 
 
 # ---------------------------------------------------------------- (a) fast == reference
