@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..report import plots as report_plots
-from ..report.html import _CSS, _atomic_write, _e, _f, _figure, _kv_table, _try_plot
+from ..report.html import _atomic_write, _e, _f, _figure, _kv_table, _try_plot, html_page
 from . import plots
 
 
@@ -125,15 +125,9 @@ def write_analysis_html(result: dict, path: str | Path) -> Path:
                 + "".join(f"<li>{_e(p)}</li>" for p in problems) + "</ul></div>")
     now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     title = f"divmoe analysis: {Path(src['path']).name}"
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{_e(title)}</title><style>{_CSS}</style></head>
-<body>
-<h1>{_e(title)}</h1>
-<p class="meta">Generated {_e(now)} by <code>divmoe analyze</code> on the embedded validation
-corpus ({_e(', '.join(result['data']['domains']))}).</p>
-{warn}
+    meta = f"""Generated {_e(now)} by <code>divmoe analyze</code> on the embedded validation
+corpus ({_e(', '.join(result['data']['domains']))})."""
+    page = html_page(title, meta, f"""{warn}
 <h2>Summary</h2>
 {_kv_table(pairs)}
 <h2>Per layer</h2>
@@ -144,8 +138,6 @@ corpus ({_e(', '.join(result['data']['domains']))}).</p>
 <h3>Top merge candidates (by CKA)</h3>
 {_merge_table(result)}
 <h2>Plots</h2>
-{''.join(figs)}
-</body></html>
-"""
+{''.join(figs)}""")
     _atomic_write(path, page)
     return path

@@ -250,12 +250,9 @@ def plot_overlay(summaries: list[dict], key: str, ylabel: str):
 
 def write_report_html(out: Path, summaries: list[dict], title: str = "divmoe compare",
                       extra_html: str = "") -> Path:
-    from ..report.html import _CSS, _fig_to_data_uri
+    from ..report.html import _atomic_write, _fig_to_data_uri, html_page
 
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
-             f"<p class='meta'>{len(summaries)} variants; written "
-             f"{time.strftime('%Y-%m-%d %H:%M:%S')}</p>"]
+    parts = []
     header, body = table_columns(summaries)
     parts.append("<h2>Final metrics</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header)
                  + "</tr>" + "".join("<tr>" + "".join(
@@ -270,9 +267,9 @@ def write_report_html(out: Path, summaries: list[dict], title: str = "divmoe com
         if fig is not None:
             parts.append(f"<h2>{html.escape(cap)}</h2><figure><img alt='{html.escape(cap)}' "
                          f"src='{_fig_to_data_uri(fig)}'></figure>")
-    parts.append("</body></html>")
+    meta = f"{len(summaries)} variants; written {time.strftime('%Y-%m-%d %H:%M:%S')}"
     path = Path(out) / "report.html"
-    path.write_text("\n".join(parts))
+    _atomic_write(path, html_page(title, meta, "\n".join(parts)))
     return path
 
 

@@ -154,6 +154,21 @@ pre{background:#f7f7f7;border:1px solid #e3e3e3;padding:10px;overflow:auto;font-
 """
 
 
+def html_page(title: str, meta_html: str, body_html: str) -> str:
+    """A self-contained page in the shared style: title heading, a meta line, then the body
+    (``meta_html`` and ``body_html`` are already-escaped HTML)."""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_e(title)}</title><style>{_CSS}</style></head>
+<body>
+<h1>{_e(title)}</h1>
+<p class="meta">{meta_html}</p>
+{body_html}
+</body></html>
+"""
+
+
 def _kv_table(pairs: list[tuple[str, str]]) -> str:
     body = "".join(f"<tr><th>{_e(k)}</th><td class='n'>{_e(v)}</td></tr>" for k, v in pairs)
     return f"<table>{body}</table>"
@@ -340,14 +355,8 @@ def write_report(run_dir: str | Path) -> Path:
 
     now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     title = f"divmoe run report: {run_dir.resolve().name}"
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{_e(title)}</title><style>{_CSS}</style></head>
-<body>
-<h1>{_e(title)}</h1>
-<p class="meta">Run folder: <code>{_e(run_dir.resolve())}</code> · generated {_e(now)}</p>
-{warn_html}
+    meta = f"Run folder: <code>{_e(run_dir.resolve())}</code> · generated {_e(now)}"
+    page = html_page(title, meta, f"""{warn_html}
 <h2>Summary</h2>
 <div class="tables">
 {_bpb_table(final, unigram, domains)}
@@ -358,9 +367,7 @@ beats a context-free byte-frequency model of that domain.</p>
 <h2>Plots</h2>
 {figs_html}
 <h2>Configuration</h2>
-{cfg_html}
-</body></html>
-"""
+{cfg_html}""")
     out = run_dir / REPORT_NAME
     _atomic_write(out, page)
     return out
