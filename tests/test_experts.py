@@ -14,6 +14,7 @@ from divmoe.routing import ROUTERS, RoutingPlan
 
 import equivalence
 from equivalence import assert_same_forward_backward, force_expert, grads
+from lm import train_steps
 
 LAYOUTS = {
     "stacked": dict(expert_layout="swiglu"),
@@ -306,18 +307,10 @@ def test_lm_trains_two_steps(layout):
                                          **LAYOUTS[layout]))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     assert bool(frozen) == (layout == "lora")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    tokens = torch.randint(0, 32, (4, 16))
-    losses = []
-    for _ in range(2):
-        logits, aux, stats = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 32), tokens[:, 1:].reshape(-1))
-        opt.zero_grad()
-        (loss + aux).backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    steps = train_steps(model, torch.randint(0, 32, (4, 16)))
+    for _, stats in steps:
         assert all(s.activated_params_mean > 0 for s in stats)
-    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(torch.isfinite(torch.tensor([loss for loss, _ in steps])))
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n])

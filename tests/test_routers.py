@@ -18,6 +18,7 @@ from divmoe.routing.sinkhorn import sinkhorn_log
 
 import equivalence
 from equivalence import assert_same_forward_backward
+from lm import train_steps
 
 # Per router: config overrides that make it valid and exercise its options.
 ROUTER_KW = {
@@ -428,14 +429,6 @@ def test_transformer_trains_two_steps(router):
     torch.manual_seed(13)
     mc = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, seq_len=12)
     model = MoETransformer(mc, MoEConfig(router=router, expert_hidden=8, **ROUTER_KW[router]))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    tokens = torch.randint(0, 32, (3, 12))
-    for _ in range(2):
-        logits, aux, stats = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 32), tokens[:, 1:].reshape(-1))
-        opt.zero_grad()
-        (loss + aux).backward()
-        opt.step()
-        model.update_balancers()
-        assert math.isfinite(float(loss)) and len(stats) == 2
+    for loss, stats in train_steps(model, torch.randint(0, 32, (3, 12))):
+        assert math.isfinite(loss) and len(stats) == 2
     assert model.param_counts()["params_active"] > 0
