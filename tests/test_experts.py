@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from divmoe.config import ConfigError
+from divmoe.dispatch import dispatch_combine
 from divmoe.experts import (EXPERT_LAYOUTS, HeteroSwiGLU, LoRASwiGLU, StackedSwiGLU,
                             activated_params)
 from divmoe.layer import MoE, MoEConfig, SwiGLU
@@ -94,19 +95,23 @@ def test_single_token(layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_grouped_equals_expert_loop(layout):
-    """Layout level: arbitrary expert-contiguous counts (zeros included) against expert()."""
+def test_fast_path_equals_expert_loop_for_any_counts(layout):
+    """Layout level: arbitrary expert-contiguous counts (zeros included) against expert().
+    One slot per token, weight 1, so the dispatch output is each token's expert output."""
     torch.manual_seed(5)
     moe = MoE(5, num_experts=6, expert_hidden=3, **LAYOUTS[layout]).double()
     perturb_lora(moe)
-    experts = moe.experts
     for counts in ([0, 0, 0, 0, 0, 0], [3, 0, 2, 0, 0, 1], [0, 1, 0, 0, 7, 0], [1, 1, 1, 1, 1, 1]):
-        counts_E = torch.tensor(counts)
-        x = torch.randn(int(counts_E.sum()), 5, dtype=torch.float64)
-        y = experts.grouped(x, counts_E)
-        bounds = [0] + counts_E.cumsum(0).tolist()
-        ref = torch.cat([experts.expert(e, x[bounds[e]:bounds[e + 1]]) for e in range(6)])
-        assert y.shape == (x.shape[0], 5)
+        ids = torch.repeat_interleave(torch.arange(6), torch.tensor(counts))
+        ids = ids[torch.randperm(len(ids))].unsqueeze(1)  # tokens in any order
+        T = len(ids)
+        plan = RoutingPlan(ids, torch.ones(T, 1, dtype=torch.float64),
+                           torch.full((T, 6), 1 / 6, dtype=torch.float64), torch.zeros(T, 6))
+        x = torch.randn(T, 5, dtype=torch.float64)
+        y = dispatch_combine(x, plan, moe.experts)
+        ref = torch.stack([moe.experts.expert(int(e), x[t:t + 1])[0] for t, e in enumerate(ids[:, 0])]) \
+            if T else x.new_zeros(0, 5)
+        assert y.shape == (T, 5)
         torch.testing.assert_close(y, ref, atol=1e-12, rtol=1e-12)
 
 
@@ -140,9 +145,11 @@ def test_hetero_single_width_equals_stacked():
     st = StackedSwiGLU(5, 6, 4).double()
     with torch.no_grad():
         st.w_in_EDH2.copy_(het.w_in[0]), st.w_out_EHD.copy_(het.w_out[0])
-    counts = torch.tensor([2, 0, 3, 1, 4])
-    x = torch.randn(10, 6, dtype=torch.float64)
-    torch.testing.assert_close(het.grouped(x, counts), st.grouped(x, counts))
+    ids = torch.tensor([[2, 0], [4, 3], [2, 2], [1, 4], [0, -1]])
+    w = torch.rand(5, 2, dtype=torch.float64)
+    plan = RoutingPlan(ids, w, torch.full((5, 5), 0.2, dtype=torch.float64), torch.zeros(5, 5))
+    x = torch.randn(5, 6, dtype=torch.float64)
+    torch.testing.assert_close(dispatch_combine(x, plan, het), dispatch_combine(x, plan, st))
     assert het.expert_sizes() == st.expert_sizes()
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from divmoe.experts import swiglu
+from divmoe.experts import grouped_mm as gmm_module
 
 
 def plain_loop(x_SD, w_EDH, offs_E):
@@ -15,7 +15,7 @@ def plain_loop(x_SD, w_EDH, offs_E):
 @pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 4, 0], [2, 2, 2, 2], [0, 0, 0, 0]])
 @pytest.mark.parametrize("need", ["both", "x", "w"])
 def test_fallback_forward_and_backward_match_plain_loop(dtype, counts, need, monkeypatch):
-    monkeypatch.setattr(swiglu, "_NATIVE_GROUPED_MM", False)
+    monkeypatch.setattr(gmm_module, "_NATIVE_GROUPED_MM", False)
     g = torch.Generator().manual_seed(sum(counts) + len(need))
     S, D, H = sum(counts), 6, 5  # unaligned widths: the native kernel could not take them
     x0 = torch.randn(S, D, dtype=dtype, generator=g)
@@ -23,7 +23,7 @@ def test_fallback_forward_and_backward_match_plain_loop(dtype, counts, need, mon
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
     gy = torch.randn(S, H, dtype=dtype, generator=g)
     outs = []
-    for fn in (swiglu.grouped_mm, plain_loop):
+    for fn in (gmm_module.grouped_mm, plain_loop):
         x = x0.clone().requires_grad_(need in ("both", "x"))
         w = w0.clone().requires_grad_(need in ("both", "w"))
         y = fn(x, w, offs)
@@ -40,9 +40,9 @@ def test_fallback_forward_and_backward_match_plain_loop(dtype, counts, need, mon
 
 
 def test_fallback_gradcheck(monkeypatch):
-    monkeypatch.setattr(swiglu, "_NATIVE_GROUPED_MM", False)
+    monkeypatch.setattr(gmm_module, "_NATIVE_GROUPED_MM", False)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(7, 3, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(3, 3, 2, dtype=torch.float64, generator=g, requires_grad=True)
     offs = torch.tensor([2, 2, 7], dtype=torch.int32)
-    assert torch.autograd.gradcheck(lambda a, b: swiglu.grouped_mm(a, b, offs), (x, w))
+    assert torch.autograd.gradcheck(lambda a, b: gmm_module.grouped_mm(a, b, offs), (x, w))

@@ -202,10 +202,3 @@ def test_shared_expert_gate():
     assert_same_forward_backward(fast, ref, torch.randn(10, 8, dtype=torch.float64), 1e-10, 1e-10)
 
 
-def test_weighted_sum_combine_gradcheck():
-    from divmoe.dispatch.grouped import _WeightedSum
-
-    y = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(5, 3, dtype=torch.float64, requires_grad=True)
-    torch.testing.assert_close(_WeightedSum.apply(y, w), (y * w.unsqueeze(-1)).sum(1))
-    assert torch.autograd.gradcheck(_WeightedSum.apply, (y, w))

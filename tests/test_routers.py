@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from divmoe.config import ConfigError
+import divmoe.dispatch.grouped as dispatch_grouped
 from divmoe.layer import MoE, MoEConfig
 from divmoe.routing import ROUTERS
 from divmoe.routing.expert_choice import expert_capacity
@@ -173,16 +174,16 @@ def test_dynamic_topp_renormalised_weights_sum_to_one():
 
 # ---------------------------------------------------------------- null_experts
 
-def test_null_slots_cost_no_expert_flops_and_are_counted():
+def test_null_slots_cost_no_expert_flops_and_are_counted(monkeypatch):
     torch.manual_seed(5)
     moe = MoE(8, router="null_experts", num_experts=4, num_null_experts=4, top_k=3,
               balance=["aux_loss", "null_usage"])
     with torch.no_grad():  # make null experts attractive so many slots choose them
         moe.router.gate.weight[4:] += 0.5
     rows = []
-    real_grouped = moe.experts.grouped
-    moe.experts.grouped = lambda x_SD, counts_E: rows.append(x_SD.shape[0]) or \
-        real_grouped(x_SD, counts_E)
+    real = dispatch_grouped.routed_swiglu
+    monkeypatch.setattr(dispatch_grouped, "routed_swiglu",
+                        lambda x, token_R, *a: rows.append(len(token_R)) or real(x, token_R, *a))
     x = torch.randn(50, 8)
     out = moe(x)
     plan = moe.router(x)

@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from ..experts import swiglu as divmoe_swiglu
+from ..experts import grouped_mm as divmoe_gmm
 from ..layer import MoE, MoEConfig, SwiGLU
 
 # Implementations that need CUDA kernels fetched from the Hub.
@@ -115,12 +115,12 @@ def copy_mixtral_to_divmoe(block, moe: MoE) -> None:
 
 @contextlib.contextmanager
 def native_grouped_mm(on: bool):
-    saved = divmoe_swiglu._NATIVE_GROUPED_MM
-    divmoe_swiglu._NATIVE_GROUPED_MM = on
+    saved = divmoe_gmm._NATIVE_GROUPED_MM
+    divmoe_gmm._NATIVE_GROUPED_MM = on
     try:
         yield
     finally:
-        divmoe_swiglu._NATIVE_GROUPED_MM = saved
+        divmoe_gmm._NATIVE_GROUPED_MM = saved
 
 
 def _skip(skipped, shape, tokens, name, reason):

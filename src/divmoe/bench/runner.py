@@ -291,7 +291,7 @@ def format_tables(out) -> str:
 def run(args: argparse.Namespace, argv=None) -> dict:
     import json
 
-    from ..experts import swiglu
+    from ..experts import grouped_mm
     from .candidates import load_hf, load_st_moe
 
     args = resolve(args)
@@ -303,7 +303,7 @@ def run(args: argparse.Namespace, argv=None) -> dict:
                     "dtype": args.dtype, "tokens": args.tokens, "repeats": args.repeats,
                     "warmup": args.warmup, "shapes": [list(s) for s in args.shape],
                     "modes": list(args.modes),
-                    "divmoe_native_grouped_mm": swiglu._NATIVE_GROUPED_MM,
+                    "divmoe_native_grouped_mm": grouped_mm._NATIVE_GROUPED_MM,
                     "st_moe": st_info if st_moe is not None else None,
                     "command": shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:])
                     if argv is None else shlex.join(["divmoe", "bench", *argv]),

@@ -1,9 +1,15 @@
 """Expert layouts.
 
 A layout is an ``nn.Module`` with ``expert(e, x_ND)`` (the plain per-expert form the
-reference dispatch uses), ``grouped(x_SD, counts_E)`` (all experts over expert-contiguous
-rows; the fast path) and ``expert_sizes()`` (parameters of each expert). Layouts with a part
-shared by every expert also have ``base_params()``.
+reference dispatch uses), ``expert_sizes()`` (parameters of each expert) and one of two fast
+forms:
+
+- ``buckets()``: [(w_in [E_b, d, 2·H_b], w_out [E_b, H_b, d])] for SwiGLU experts, run by the
+  fused gather → experts → scatter node (:mod:`divmoe.dispatch.routed_swiglu`); with several
+  buckets, ``row_position_E`` gives each expert's rank in the row order, buckets in turn;
+- ``grouped(x_SD, counts_E)``: all experts over expert-contiguous rows, under autograd.
+
+Layouts with a part shared by every expert also have ``base_params()``.
 
 ``EXPERT_LAYOUTS[name](d_model, moe_config)`` builds the layout named by
 ``MoEConfig.expert_layout``:

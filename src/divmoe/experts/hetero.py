@@ -8,16 +8,14 @@ Each expert owns exactly 3·d·H_e parameters, nothing is padded to the widest e
 Why buckets rather than one concatenated [d, Σ 2·H_e] matrix with column offsets: a
 concatenated matrix has a different N per expert, which no grouped GEMM here supports, so
 it would need a Python loop over experts (E matmuls, small and badly shaped). Buckets keep
-the fast path of :func:`divmoe.experts.swiglu.grouped_mm` — one grouped matmul pair per
-bucket — and HMoE configurations use a handful of distinct widths, so the Python loop runs
-over a few buckets, never over experts or tokens. With one width this is exactly
-``StackedSwiGLU.grouped``.
+the fast path (:mod:`divmoe.dispatch.routed_swiglu`): one grouped matmul pair per bucket,
+and HMoE configurations use a handful of distinct widths, so its Python loop runs over a
+few buckets, never over experts or tokens. With one width this is exactly
+:class:`StackedSwiGLU`.
 
-Rows arrive expert-contiguous in expert-id order. If the bucket of each expert is
-non-decreasing in expert id (e.g. widths sorted), every bucket's rows are already one
-contiguous block and no data moves. Otherwise one stable sort by bucket, one gather before
-and one scatter (``index_copy``) after group the rows by bucket; inside a bucket the rows stay
-expert-contiguous in ascending id order, which is what ``grouped_mm`` needs.
+Dispatch sorts rows by :attr:`row_position_E` (each expert's rank in (bucket, id) order)
+instead of by expert id, so every bucket's rows are one contiguous block, experts
+contiguous and ascending inside it: no extra permutation, whatever the order of widths.
 """
 
 from __future__ import annotations
@@ -27,8 +25,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .swiglu import grouped_mm
 
 
 class HeteroSwiGLU(nn.Module):
@@ -51,11 +47,10 @@ class HeteroSwiGLU(nn.Module):
         self.w_out = nn.ParameterList(
             nn.Parameter(torch.empty(len(m), h, d_model))
             for m, h in zip(self.members, self.bucket_widths))
-        # Experts ordered by (bucket, id): counts_E[order] lists each bucket's counts in turn.
-        self.register_buffer("_order_E", torch.tensor([e for m in self.members for e in m]),
-                             persistent=False)
-        self.register_buffer("_bucket_E", torch.tensor(self.bucket_of), persistent=False)
-        self._contiguous = all(a <= b for a, b in zip(self.bucket_of, self.bucket_of[1:]))
+        # Rank of each expert in (bucket, id) order: where its rows go in the dispatch sort.
+        order = [e for m in self.members for e in m]
+        position = [order.index(e) for e in range(len(widths))]
+        self.register_buffer("row_position_E", torch.tensor(position), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -72,28 +67,6 @@ class HeteroSwiGLU(nn.Module):
         gate, up = (x_ND @ self.w_in[b][j]).chunk(2, dim=-1)
         return (F.silu(gate) * up) @ self.w_out[b][j]
 
-    def grouped(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """All experts over expert-contiguous rows: rows [off_e, off_e + counts_e) → expert e."""
-        counts_E = counts_E.to(x_SD.device)
-        perm_S = None
-        if not self._contiguous:
-            expert_S = torch.repeat_interleave(torch.arange(self.num_experts, device=x_SD.device),
-                                               counts_E, output_size=x_SD.shape[0])
-            perm_S = torch.argsort(self._bucket_E[expert_S], stable=True)
-            x_SD = x_SD[perm_S]
-        counts_B = counts_E[self._order_E].split([len(m) for m in self.members])
-        rows_B = torch.stack([c.sum() for c in counts_B]).tolist()  # one host sync
-        ys, lo = [], 0
-        for b, (c_b, n_b) in enumerate(zip(counts_B, rows_B)):
-            if n_b == 0:  # no rows: skip, so an unused bucket gets no gradient (as in reference)
-                continue
-            offs = c_b.cumsum(0).to(torch.int32)
-            gate, up = grouped_mm(x_SD[lo:lo + n_b], self.w_in[b], offs).chunk(2, dim=-1)
-            ys.append(grouped_mm(F.silu(gate) * up, self.w_out[b], offs))
-            lo += n_b
-        if not ys:
-            return x_SD.new_zeros(x_SD.shape)
-        y_SD = ys[0] if len(ys) == 1 else torch.cat(ys)
-        if perm_S is not None:
-            y_SD = y_SD.new_empty(y_SD.shape).index_copy(0, perm_S, y_SD)
-        return y_SD
+    def buckets(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(w_in, w_out) per width bucket; rows arrive ordered by :attr:`row_position_E`."""
+        return list(zip(self.w_in, self.w_out))

@@ -13,7 +13,7 @@ B is initialised to zero, so at initialisation every expert equals the base MLP 
 
 Compute (``grouped``): the base projections run once over all routed rows as plain matmuls;
 the adapters are two grouped matmuls per projection (down to rank r, back up), with
-:func:`divmoe.experts.swiglu.grouped_mm`. No Python loop over experts or tokens.
+:func:`divmoe.experts.grouped_mm.grouped_mm`. No Python loop over experts or tokens.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .swiglu import grouped_mm
+from .grouped_mm import grouped_mm
 
 
 class LoRASwiGLU(nn.Module):
