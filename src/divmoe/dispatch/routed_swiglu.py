@@ -2,19 +2,18 @@
 
 The hot path for SwiGLU layouts (stacked and heterogeneous). Written by hand, not left to
 autograd, for memory: autograd of the same ops keeps, per routed row, the gathered input
-x_RD, both halves of the hidden pre-activation, silu(gate), the activation and the expert
-output: k copies of d-wide rows on top of the hidden ones. This node keeps only what
-cannot be recomputed cheaply:
+x_RD, the weighted activation and the expert output (k copies of d-wide rows) on top of the
+hidden ones, all of them alive at once at the start of backward. This node keeps
 
-    saved: x_TD (the layer input), h_RH2 = x_RD @ W_in (the hidden pre-activation),
-           the row → token map and the routing weights.
-    (Dense SwiGLU autograd keeps x, h, silu(gate) and the activation: more than this.)
+    x_TD (the layer input), h_RH2 = x_RD @ W_in (the hidden pre-activation),
+    a_RH = silu(h_gate)·h_up, the row → token map and the routing weights
 
-In backward, the row gather x_RD = x_TD[token_R] and the activation silu(gate)·up are
-recomputed (a memory-bound copy and two elementwise passes, against two GEMMs per row) and
-every temporary, h included, is freed as soon as its last use is done. The routing weight scales the
-activation before the down projection, ``(w·a) W_out = w·(a W_out)``, so no [R, d] expert
-output survives the forward, and the combine is one scatter-add into the [T, d] output.
+(dense SwiGLU autograd keeps x, h, silu(gate) and a: more), recomputes the row gather
+x_RD = x_TD[token_R] in backward (a memory-bound copy, against two GEMMs per row), and frees
+every temporary, h and a included, as soon as its last use is done. The routing weight
+scales the activation before the down projection, ``(w·a) W_out = w·(a W_out)``, so no
+[R, d] expert output survives the forward, and the combine is one scatter-add into the
+[T, d] output.
 
 Forward, per bucket of equal-width experts (rows are expert-contiguous, buckets in turn):
     x_RD = x_TD[token_R]                   dispatch
@@ -73,10 +72,10 @@ class _RoutedSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, token_R, weight_R, offs, rows, *weights):
         out_TD = x_TD.new_zeros(x_TD.shape)
-        hs, lo = [], 0
+        acts, lo = [], 0
         for b, n in enumerate(rows):
             if n == 0:
-                hs.append(None)
+                acts.append(None)
                 continue
             w_in, w_out = weights[2 * b], weights[2 * b + 1]
             tok = token_R[lo:lo + n]
@@ -85,18 +84,17 @@ class _RoutedSwiGLU(torch.autograd.Function):
             with record_function("divmoe.experts"):
                 h = gmm(x_RD, w_in, offs[b])
                 del x_RD
-                s = _swiglu(h).mul_(weight_R[lo:lo + n, None])
-                y = gmm(s, w_out, offs[b])
-                del s
+                a = _swiglu(h)
+                y = gmm(a * weight_R[lo:lo + n, None], w_out, offs[b])
             with record_function("divmoe.combine"):
                 out_TD.index_add_(0, tok, y)
-            hs.append(h)
+            acts.append((h, a))
             lo += n
         ctx.save_for_backward(x_TD, token_R, weight_R, *offs, *weights)
-        # Not saved_tensors: backward drops each h as soon as ∂h exists, which takes it off the
-        # memory peak (the weight-gradient GEMMs come after). A second backward through the
-        # same graph (retain_graph=True) finds None and recomputes h from x.
-        ctx.rows, ctx.hs = rows, hs
+        # Not saved_tensors: backward drops each (h, a) as soon as it is used up, which takes
+        # them off the memory peak (the x-side GEMMs come after). A second backward through
+        # the same graph (retain_graph=True) finds None and recomputes them from x.
+        ctx.rows, ctx.acts = rows, acts
         return out_TD
 
     @staticmethod
@@ -107,7 +105,7 @@ class _RoutedSwiGLU(torch.autograd.Function):
         offs, weights = rest[:B], rest[B:]
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         grad_TD = grad_TD.contiguous()
-        grad_x = x_TD.new_zeros(x_TD.shape) if need_x else None
+        grad_x = None
         grad_weight = weight_R.new_empty(weight_R.shape) if need_w else None
         grad_params = [None] * len(weights)
         lo = 0
@@ -116,14 +114,16 @@ class _RoutedSwiGLU(torch.autograd.Function):
                 continue
             w_in, w_out, o = weights[2 * b], weights[2 * b + 1], offs[b]
             tok, w_col = token_R[lo:lo + n], weight_R[lo:lo + n, None]
-            h, ctx.hs[b] = ctx.hs[b], None
-            if h is None:
+            acts, ctx.acts[b] = ctx.acts[b], None
+            if acts is None:
                 h = gmm(x_TD.index_select(0, tok), w_in, o)
+                acts = h, _swiglu(h)
+            h, a = acts
+            del acts
             with record_function("divmoe.combine"):
                 grad_y = grad_TD.index_select(0, tok)
             with record_function("divmoe.experts"):
                 grad_s = gmm(grad_y, w_out.transpose(1, 2), o)
-                a = _swiglu(h)
                 if ctx.needs_input_grad[5 + 2 * b + 1]:
                     grad_params[2 * b + 1] = gmm_wgrad(a, grad_y.mul_(w_col), o)  # (w·a)ᵀ gy
                 del grad_y
@@ -142,6 +142,8 @@ class _RoutedSwiGLU(torch.autograd.Function):
                 del grad_h
             if need_x:
                 with record_function("divmoe.dispatch"):
+                    if grad_x is None:
+                        grad_x = x_TD.new_zeros(x_TD.shape)
                     grad_x.index_add_(0, tok, grad_x_RD)
                 del grad_x_RD
             lo += n
