@@ -13,10 +13,14 @@
   gradients included: they are set to None first), and not the parameters or the input.
 * Split: one fwd+bwd of divmoe under ``torch.profiler`` with the ``divmoe.router`` (a forward
   hook pair on ``moe.router``), ``divmoe.dispatch``, ``divmoe.experts`` and ``divmoe.combine``
-  ranges (``record_function`` in ``dispatch/grouped.py``). Forward ops are attributed to the range
-  they run in; each backward node (``autograd::engine::evaluate_function: XBackward``) to the
-  range of the forward op with the same autograd sequence number. Everything else in the layer
-  (input check, balance losses, stats, grad accumulation, profiler overhead) is ``other``.
+  ranges (``record_function`` in ``dispatch/grouped.py`` and ``dispatch/routed_swiglu.py``).
+  Forward ops are attributed to the range they run in; each backward node
+  (``autograd::engine::evaluate_function: XBackward``) to the range of the forward op with the
+  same autograd sequence number. The hand-written backward of ``routed_swiglu`` opens the same
+  ranges itself (the recomputed row gather and the ∂x scatter-add are ``dispatch``, the gather
+  of ∂out is ``combine``), and its node is created outside every range, so nothing is counted
+  twice. Everything else in the layer (input check, balance losses, stats, grad accumulation,
+  profiler overhead) is ``other``.
 """
 
 from __future__ import annotations
