@@ -4,9 +4,10 @@ Steps (T tokens, K slots per token, R = routed (non-empty) slots ≤ T·K):
   1. Sort the flat slot list by the row position of its expert (stable), empty slots
      (id −1) last, and cut them off: ``token_R`` is the token of each routed row, rows
      expert-contiguous; ``weight_R`` its combine weight.
-  2. SwiGLU layouts (``experts.buckets()``): one hand-written autograd node gathers the rows,
-     runs the grouped experts with the weight folded into the activation, and scatter-adds
-     into the output (:mod:`divmoe.dispatch.routed_swiglu`), keeping only x, the hidden
+  2. SwiGLU layouts (``experts.buckets()``): cut the rows into chunks of whole experts
+     (:func:`plan_chunks`); one hand-written autograd node gathers each chunk's rows, runs
+     its grouped experts with the weight folded into the activation, and scatter-adds into
+     the output (:mod:`divmoe.dispatch.routed_swiglu`), keeping only x, the hidden
      pre-activation and the activation for backward.
      Other layouts: x_RD = x_TD[token_R], y_RD = ``experts.grouped(x_RD, counts)``,
      out_TD = scatter_add(token_R, weight_R · y_RD), under plain autograd.
@@ -21,7 +22,15 @@ from __future__ import annotations
 import torch
 
 from ..routing.plan import RoutingPlan
-from .routed_swiglu import routed_swiglu
+from .routed_swiglu import Chunk, routed_swiglu
+
+# Rows per chunk of the SwiGLU path on CPU: a chunk's widest temporary ([rows, max(d, 2H)])
+# stays near this size. Small enough for the allocator to recycle the same blocks chunk after
+# chunk (glibc maps every block above 32 MiB afresh, paying a page fault per 4 KiB) and to
+# keep a chunk's rows in cache from gather to scatter; large enough that a chunk's GEMMs are
+# a few hundred rows. On GPU one chunk per bucket: one grouped kernel launch, and the caching
+# allocator already recycles memory.
+CPU_CHUNK_BYTES = 8 << 20
 
 
 def dispatch_combine(x_TD: torch.Tensor, plan: RoutingPlan, experts) -> torch.Tensor:
@@ -38,17 +47,55 @@ def dispatch_combine(x_TD: torch.Tensor, plan: RoutingPlan, experts) -> torch.Te
         key_S = torch.where(ids_S < 0, E, key_S)  # empty slots last, then cut off
         order_S = torch.argsort(key_S, stable=True)
         counts_P = torch.bincount(key_S, minlength=E + 1)[:E]  # rows per expert, in row order
-        counts_B = counts_P.split([w_in.shape[0] for w_in, _ in buckets] if buckets else [E])
-        rows_B = torch.stack([c.sum() for c in counts_B]).tolist()  # the one host sync
-        routed_R = order_S[:sum(rows_B)]
+        if buckets:
+            counts = counts_P.tolist()  # the one host sync
+            routed = sum(counts)
+        else:
+            routed = int(counts_P.sum())
+        routed_R = order_S[:routed]
         token_R = routed_R // K
         weight_R = plan.weights_TK.reshape(-1).index_select(0, routed_R).to(x_TD.dtype)
     if buckets:
-        offs_B = [c.cumsum(0).to(torch.int32) for c in counts_B]
-        return routed_swiglu(x_TD, token_R, weight_R, buckets, offs_B, rows_B)
+        chunks = plan_chunks(counts, buckets, x_TD)
+        return routed_swiglu(x_TD, token_R, weight_R, buckets, chunks)
     with torch.profiler.record_function("divmoe.dispatch"):
         x_RD = x_TD.index_select(0, token_R)
     with torch.profiler.record_function("divmoe.experts"):
         y_RD = experts.grouped(x_RD, counts_P)
     with torch.profiler.record_function("divmoe.combine"):
         return x_TD.new_zeros(x_TD.shape).index_add(0, token_R, y_RD * weight_R[:, None])
+
+
+def plan_chunks(counts: list[int], buckets, x_TD: torch.Tensor,
+                chunk_bytes: int | None = None) -> list[Chunk]:
+    """Cut the routed rows into chunks of whole experts, bucket by bucket.
+
+    ``counts``: rows of each expert in row order (the buckets' experts in turn). A chunk
+    closes before the expert that would take its widest temporary past ``chunk_bytes``
+    (default :data:`CPU_CHUNK_BYTES` on CPU, no limit elsewhere); an expert larger than that
+    is a chunk of its own. Experts with no rows join a neighbouring chunk, so the chunks of a
+    bucket cover all its experts (their weight gradient is zero), and every chunk has rows.
+    """
+    if chunk_bytes is None:
+        chunk_bytes = CPU_CHUNK_BYTES if x_TD.device.type == "cpu" else None
+    chunks, lo, r = [], 0, 0
+    for b, (w_in, _) in enumerate(buckets):
+        E_b = w_in.shape[0]
+        bucket_counts, lo = counts[lo:lo + E_b], lo + E_b
+        if not any(bucket_counts):
+            continue
+        width = max(w_in.shape[1], w_in.shape[2])
+        budget = chunk_bytes // (width * x_TD.element_size()) if chunk_bytes else None
+        start = [0]  # chunk start experts
+        rows = 0
+        for e, n in enumerate(bucket_counts):
+            if budget is not None and n and rows and rows + n > budget:
+                start.append(e)
+                rows = 0
+            rows += n
+        for e0, e1 in zip(start, start[1:] + [E_b]):
+            part = bucket_counts[e0:e1]
+            offs = torch.tensor(part, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            chunks.append(Chunk(b, e0, e1, r, r + sum(part), offs.to(x_TD.device)))
+            r += sum(part)
+    return chunks

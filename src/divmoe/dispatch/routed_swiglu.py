@@ -5,8 +5,8 @@ autograd, for memory: autograd of the same ops keeps, per routed row, the gather
 x_RD, the weighted activation and the expert output (k copies of d-wide rows) on top of the
 hidden ones, all of them alive at once at the start of backward. This node keeps
 
-    x_TD (the layer input), h_RH2 = x_RD @ W_in (the hidden pre-activation),
-    a_RH = silu(h_gate)·h_up, the row → token map and the routing weights
+    x_TD (the layer input), h = x_RD @ W_in (the hidden pre-activation),
+    a = silu(h_gate)·h_up, the row → token map and the routing weights
 
 (dense SwiGLU autograd keeps x, h, silu(gate) and a: more), recomputes the row gather
 x_RD = x_TD[token_R] in backward (a memory-bound copy, against two GEMMs per row), and frees
@@ -15,20 +15,30 @@ scales the activation before the down projection, ``(w·a) W_out = w·(a W_out)`
 [R, d] expert output survives the forward, and the combine is one scatter-add into the
 [T, d] output.
 
-Forward, per bucket of equal-width experts (rows are expert-contiguous, buckets in turn):
-    x_RD = x_TD[token_R]                   dispatch
-    h = x_RD @ W_in[e];  a = silu(h_gate) · h_up;  s = w_R · a;  y = s @ W_out[e]
-    out_TD += scatter_add(token_R, y)       combine
+Rows are processed in **chunks** of whole experts (:class:`Chunk`, built by
+:func:`divmoe.dispatch.grouped.plan_chunks`), not all at once. A chunk's temporaries (the
+gathered rows, the expert output, the gradients of h and a) are small, so they stay in cache
+between the gather, the GEMM and the scatter, and the allocator hands the same memory back
+chunk after chunk instead of mapping fresh pages for every [R, ·] tensor. Backward frees each
+chunk's h and a as it finishes with them, which takes them off the memory peak while the
+weight gradients fill up. One chunk per bucket is the unchunked computation.
+
+Forward, per chunk (rows expert-contiguous, buckets in turn):
+    x_c = x_TD[token_c]                    dispatch
+    h = x_c @ W_in[e];  a = silu(h_gate) · h_up;  s = w_c · a;  y = s @ W_out[e]
+    out_TD += scatter_add(token_c, y)       combine
 Backward (g = ∂L/∂out):
-    gy = g[token_R];  gs = gy @ W_outᵀ
-    ∂W_out = (w·a)ᵀ gy;  ∂w_R = Σ_h gs · a;  ∂a = w · gs;  ∂h = swiglu'(h) ∂a
-    ∂W_in = x_RDᵀ ∂h;  ∂x_TD = scatter_add(token_R, ∂h @ W_inᵀ)
+    gy = g[token_c];  gs = gy @ W_outᵀ
+    ∂W_out = (w·a)ᵀ gy;  ∂w_c = Σ_h gs · a;  ∂a = w · gs;  ∂h = swiglu'(h) ∂a
+    ∂W_in = x_cᵀ ∂h;  ∂x_TD += scatter_add(token_c, ∂h @ W_inᵀ)
 
 Profiler ranges name the parts (``divmoe.dispatch`` / ``experts`` / ``combine``) in forward
 and backward, so ``divmoe bench`` can split the layer's time.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,28 +47,39 @@ from torch.profiler import record_function
 from ..experts.grouped_mm import gmm, gmm_wgrad
 
 
+class Chunk(NamedTuple):
+    """Rows [r0, r1) of the routed rows: experts [e0, e1) of bucket ``bucket``, all of them."""
+
+    bucket: int
+    e0: int
+    e1: int
+    r0: int
+    r1: int
+    offs: torch.Tensor  # int32 [e1 - e0], cumulative row counts inside the chunk
+
+
 def routed_swiglu(x_TD: torch.Tensor, token_R: torch.Tensor, weight_R: torch.Tensor,
                   buckets: list[tuple[torch.Tensor, torch.Tensor]],
-                  offs: list[torch.Tensor], rows: list[int]) -> torch.Tensor:
+                  chunks: list[Chunk]) -> torch.Tensor:
     """out_TD[t] = Σ over routed rows r of token t: weight_R[r] · expert_r(x_TD[t]).
 
     ``token_R``: the token of each routed row, rows expert-contiguous, bucket after bucket;
-    ``buckets[b]`` = (w_in [E_b, d, 2·H_b], w_out [E_b, H_b, d]); ``offs[b]``: int32 cumulative
-    row counts of bucket b's experts; ``rows[b]``: its number of rows (Python int).
+    ``buckets[b]`` = (w_in [E_b, d, 2·H_b], w_out [E_b, H_b, d]); ``chunks`` cover every
+    routed row once, in row order, and every expert of a bucket that has rows.
     """
     flat = [w for pair in buckets for w in pair]
-    return _RoutedSwiGLU.apply(x_TD, token_R, weight_R, offs, rows, *flat)
+    return _RoutedSwiGLU.apply(x_TD, token_R, weight_R, chunks, *flat)
 
 
-def _swiglu(h_RH2: torch.Tensor) -> torch.Tensor:
-    gate, up = h_RH2.chunk(2, dim=-1)
+def _swiglu(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
     return F.silu(gate).mul_(up)
 
 
-def _swiglu_backward(h_RH2: torch.Tensor, grad_a: torch.Tensor) -> torch.Tensor:
+def _swiglu_backward(h: torch.Tensor, grad_a: torch.Tensor) -> torch.Tensor:
     """∂h for a = silu(gate)·up, written straight into the two halves of one tensor."""
-    gate, up = h_RH2.chunk(2, dim=-1)
-    grad_h = torch.empty_like(h_RH2)
+    gate, up = h.chunk(2, dim=-1)
+    grad_h = torch.empty_like(h)
     grad_gate, grad_up = grad_h.chunk(2, dim=-1)
     torch.mul(grad_a, up, out=grad_up)  # scratch: ∂a·up, consumed on the next line
     torch.ops.aten.silu_backward.grad_input(grad_up, gate, grad_input=grad_gate)
@@ -70,81 +91,78 @@ def _swiglu_backward(h_RH2: torch.Tensor, grad_a: torch.Tensor) -> torch.Tensor:
 class _RoutedSwiGLU(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x_TD, token_R, weight_R, offs, rows, *weights):
+    def forward(ctx, x_TD, token_R, weight_R, chunks, *weights):
         out_TD = x_TD.new_zeros(x_TD.shape)
-        acts, lo = [], 0
-        for b, n in enumerate(rows):
-            if n == 0:
-                acts.append(None)
-                continue
-            w_in, w_out = weights[2 * b], weights[2 * b + 1]
-            tok = token_R[lo:lo + n]
+        acts = []
+        for c in chunks:
+            w_in, w_out = weights[2 * c.bucket], weights[2 * c.bucket + 1]
+            tok = token_R[c.r0:c.r1]
             with record_function("divmoe.dispatch"):
-                x_RD = x_TD.index_select(0, tok)
+                x_c = x_TD.index_select(0, tok)
             with record_function("divmoe.experts"):
-                h = gmm(x_RD, w_in, offs[b])
-                del x_RD
+                h = gmm(x_c, w_in[c.e0:c.e1], c.offs)
+                del x_c
                 a = _swiglu(h)
-                y = gmm(a * weight_R[lo:lo + n, None], w_out, offs[b])
+                y = gmm(a * weight_R[c.r0:c.r1, None], w_out[c.e0:c.e1], c.offs)
             with record_function("divmoe.combine"):
                 out_TD.index_add_(0, tok, y)
             acts.append((h, a))
-            lo += n
-        ctx.save_for_backward(x_TD, token_R, weight_R, *offs, *weights)
-        # Not saved_tensors: backward drops each (h, a) as soon as it is used up, which takes
-        # them off the memory peak (the x-side GEMMs come after). A second backward through
-        # the same graph (retain_graph=True) finds None and recomputes them from x.
-        ctx.rows, ctx.acts = rows, acts
+        ctx.save_for_backward(x_TD, token_R, weight_R, *weights)
+        # Not saved_tensors: backward drops each chunk's (h, a) as soon as it is used up, which
+        # takes them off the memory peak. A second backward through the same graph
+        # (retain_graph=True) finds None and recomputes them from x.
+        ctx.chunks, ctx.acts = chunks, acts
         return out_TD
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_TD):
-        rows, B = ctx.rows, len(ctx.rows)
-        x_TD, token_R, weight_R, *rest = ctx.saved_tensors
-        offs, weights = rest[:B], rest[B:]
+        x_TD, token_R, weight_R, *weights = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        need_param = ctx.needs_input_grad[4:]
         grad_TD = grad_TD.contiguous()
         grad_x = None
         grad_weight = weight_R.new_empty(weight_R.shape) if need_w else None
+        # A bucket with no rows gets no gradient, as in the reference (it is never called).
         grad_params = [None] * len(weights)
-        lo = 0
-        for b, n in enumerate(rows):
-            if n == 0:  # no rows: no gradient, as in the reference (the bucket is never called)
-                continue
-            w_in, w_out, o = weights[2 * b], weights[2 * b + 1], offs[b]
-            tok, w_col = token_R[lo:lo + n], weight_R[lo:lo + n, None]
-            acts, ctx.acts[b] = ctx.acts[b], None
+        for i, c in enumerate(ctx.chunks):
+            b = c.bucket
+            w_in, w_out = weights[2 * b][c.e0:c.e1], weights[2 * b + 1][c.e0:c.e1]
+            tok, w_col = token_R[c.r0:c.r1], weight_R[c.r0:c.r1, None]
+            acts, ctx.acts[i] = ctx.acts[i], None
             if acts is None:
-                h = gmm(x_TD.index_select(0, tok), w_in, o)
+                h = gmm(x_TD.index_select(0, tok), w_in, c.offs)
                 acts = h, _swiglu(h)
             h, a = acts
             del acts
+            for j in (2 * b, 2 * b + 1):
+                if need_param[j] and grad_params[j] is None:
+                    grad_params[j] = torch.empty_like(weights[j])
             with record_function("divmoe.combine"):
                 grad_y = grad_TD.index_select(0, tok)
             with record_function("divmoe.experts"):
-                grad_s = gmm(grad_y, w_out.transpose(1, 2), o)
-                if ctx.needs_input_grad[5 + 2 * b + 1]:
-                    grad_params[2 * b + 1] = gmm_wgrad(a, grad_y.mul_(w_col), o)  # (w·a)ᵀ gy
+                grad_s = gmm(grad_y, w_out.transpose(1, 2), c.offs)
+                if need_param[2 * b + 1]:  # (w·a)ᵀ gy
+                    gmm_wgrad(a, grad_y.mul_(w_col), c.offs,
+                              out=grad_params[2 * b + 1][c.e0:c.e1])
                 del grad_y
                 if need_w:
-                    grad_weight[lo:lo + n] = a.mul_(grad_s).sum(-1)
+                    grad_weight[c.r0:c.r1] = a.mul_(grad_s).sum(-1)
                 del a
                 grad_h = _swiglu_backward(h, grad_s.mul_(w_col))
                 del grad_s, h
-                if ctx.needs_input_grad[5 + 2 * b]:
+                if need_param[2 * b]:
                     with record_function("divmoe.dispatch"):
-                        x_RD = x_TD.index_select(0, tok)
-                    grad_params[2 * b] = gmm_wgrad(x_RD, grad_h, o)
-                    del x_RD
+                        x_c = x_TD.index_select(0, tok)
+                    gmm_wgrad(x_c, grad_h, c.offs, out=grad_params[2 * b][c.e0:c.e1])
+                    del x_c
                 if need_x:
-                    grad_x_RD = gmm(grad_h, w_in.transpose(1, 2), o)
+                    grad_x_c = gmm(grad_h, w_in.transpose(1, 2), c.offs)
                 del grad_h
             if need_x:
                 with record_function("divmoe.dispatch"):
                     if grad_x is None:
                         grad_x = x_TD.new_zeros(x_TD.shape)
-                    grad_x.index_add_(0, tok, grad_x_RD)
-                del grad_x_RD
-            lo += n
-        return (grad_x, None, grad_weight, None, None, *grad_params)
+                    grad_x.index_add_(0, tok, grad_x_c)
+                del grad_x_c
+        return (grad_x, None, grad_weight, None, *grad_params)

@@ -31,11 +31,19 @@ def gmm(x_SD: torch.Tensor, w_EDH: torch.Tensor, offs_E: torch.Tensor) -> torch.
     return _loop_mm(x_SD, w_EDH, [0] + offs_E.tolist())
 
 
-def gmm_wgrad(x_SD: torch.Tensor, g_SH: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    """``out[e] = x[rows of e]ᵀ @ g[rows of e]`` [E, D, H]; zero for experts with no rows."""
-    if _native(x_SD, g_SH):
-        return torch._grouped_mm(x_SD.t(), g_SH, offs=offs_E)
-    return _loop_wgrad(x_SD, g_SH, [0] + offs_E.tolist())
+def gmm_wgrad(x_SD: torch.Tensor, g_SH: torch.Tensor, offs_E: torch.Tensor,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[e] = x[rows of e]ᵀ @ g[rows of e]`` [E, D, H]; zero for experts with no rows.
+
+    ``out``: write into this [E, D, H] tensor (a slice of a larger weight gradient) instead
+    of a new one.
+    """
+    # On CPU the kernel is itself a loop of one GEMM per expert, so the loop writing each
+    # block in place is as fast and saves copying the result into ``out``.
+    if _native(x_SD, g_SH) and (out is None or x_SD.device.type != "cpu"):
+        grad = torch._grouped_mm(x_SD.t(), g_SH, offs=offs_E)
+        return grad if out is None else out.copy_(grad)
+    return _loop_wgrad(x_SD, g_SH, [0] + offs_E.tolist(), out)
 
 
 def _loop_mm(x_SD, w_EDH, bounds, out_SH=None):
@@ -49,9 +57,10 @@ def _loop_mm(x_SD, w_EDH, bounds, out_SH=None):
     return out_SH
 
 
-def _loop_wgrad(x_SD, g_SH, bounds):
+def _loop_wgrad(x_SD, g_SH, bounds, out_EDH=None):
     E = len(bounds) - 1
-    out_EDH = x_SD.new_empty(E, x_SD.shape[1], g_SH.shape[1])
+    if out_EDH is None:
+        out_EDH = x_SD.new_empty(E, x_SD.shape[1], g_SH.shape[1])
     for e in range(E):
         a, b = bounds[e], bounds[e + 1]
         if b > a:
