@@ -111,3 +111,18 @@ def test_wrapper_script_and_bad_shape():
     assert "divmoe.bench" in script.read_text()
     with pytest.raises(SystemExit):
         cli_main(["bench", "--shape", "1,2,3"])
+
+
+def test_extra_candidates_include_heterogeneous_experts_on_the_fast_path(tmp_path):
+    out = tmp_path / "extra.json"
+    threads = torch.get_num_threads()
+    try:
+        rc = cli_main(["bench", "--quick", "--extra", "--no-hf", "--no-st-moe", "--no-memory",
+                       "--no-split", "--threads", "1", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    names = {r["name"] for r in rows}
+    assert {"divmoe+aux+z", "divmoe[loop]", "divmoe[hetero]"} <= names
+    assert all(math.isfinite(r["median_ms"]) for r in rows if r["name"] == "divmoe[hetero]")

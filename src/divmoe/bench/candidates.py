@@ -14,8 +14,10 @@ Per shape (d, F, E, k):
                      width F, but GEGLU experts with biases and capacity-based dispatch (capacity
                      factor 1.25, all k routes kept: threshold 0), in sequences of 1024 tokens. Not
                      the same function, so not in the correctness check.
-* ``--extra``        adds ``divmoe+aux+z`` (default balance losses on) and ``divmoe[loop]`` (the
-                     per-expert loop fallback of ``grouped_mm``, native kernel off).
+* ``--extra``        adds ``divmoe+aux+z`` (default balance losses on), ``divmoe[loop]`` (the
+                     per-expert loop fallback of ``grouped_mm``, native kernel off) and
+                     ``divmoe[hetero]`` (HMoE widths F/2 and 3F/2 alternating: the same mean
+                     width, two buckets; its own weights, so not in the correctness check).
 
 All Mixtral-compatible candidates share one set of weights (the Mixtral block's, copied into
 divmoe), so they route the same tokens to the same experts; :func:`check_outputs` compares them.
@@ -172,6 +174,14 @@ def build_candidates(shape, tokens: int, *, hf, st_moe, extra: bool, device, dty
 
     for name, m, call, ctx in mine:
         cands.append(Candidate(name, m, call, context=ctx))
+    if extra and F >= 2:
+        widths = [F // 2 if e % 2 == 0 else F + (F - F // 2) for e in range(E)]
+        if E % 2:  # keep the mean width F: the last expert takes the odd one out
+            widths[-1] = F
+        het = MoE(d, MoEConfig(num_experts=E, top_k=k, expert_widths=widths, dispatch="grouped",
+                               balance=[]))
+        cands.append(Candidate("divmoe[hetero]", het, lambda x, m=het: [m(x).output],
+                               same_function=False, info={"expert_widths": widths}))
     for impl, b in blocks.items():
         cands.append(Candidate(f"hf:{impl}", b,
                                lambda x, m=b: [m(x.view(1, *x.shape)).view(x.shape)]))

@@ -4,7 +4,8 @@ Rows [offs[e-1], offs[e]) of the input belong to expert e. Three forms:
 
 - :func:`grouped_mm` — ``out[rows of e] = x[rows of e] @ w[e]`` with autograd;
 - :func:`gmm` — the same without autograd, for code that writes its own backward;
-- :func:`gmm_wgrad` — ``out[e] = x[rows of e]ᵀ @ g[rows of e]``, the weight gradient.
+- :func:`gmm_wgrad` — ``out[e] = x[rows of e]ᵀ @ g[rows of e]``, the weight gradient,
+  optionally written into a slice of a larger gradient.
 
 Each uses ``torch._grouped_mm`` (one kernel, no Python loop) where this build supports the
 dtype and the 16-byte row alignment, else a loop of ``torch.mm`` over experts writing into
