@@ -124,5 +124,5 @@ def test_extra_candidates_include_heterogeneous_experts_on_the_fast_path(tmp_pat
     assert rc == 0
     rows = json.loads(out.read_text())["rows"]
     names = {r["name"] for r in rows}
-    assert {"divmoe+aux+z", "divmoe[loop]", "divmoe[hetero]"} <= names
+    assert {"divmoe+aux+z", "divmoe[loop]", "divmoe[recompute]", "divmoe[hetero]"} <= names
     assert all(math.isfinite(r["median_ms"]) for r in rows if r["name"] == "divmoe[hetero]")

@@ -175,3 +175,25 @@ def test_many_chunks_equal_one_chunk_at_a_realistic_size(monkeypatch):
                            experts.buckets(), x0, chunk_bytes=budget)) > 4
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("widths", [None, [6, 2, 6, 4, 2, 4]])
+def test_recompute_hidden_matches_reference(widths, chunking):
+    from equivalence import assert_same_forward_backward, pair
+    torch.manual_seed(8)
+    fast, ref = pair(8, torch.float64, num_experts=6, top_k=2, expert_hidden=4,
+                     expert_widths=widths, recompute_hidden=True)
+    assert_same_forward_backward(fast, ref, torch.randn(3, 17, 8, dtype=torch.float64),
+                                 atol=1e-12, rtol=1e-12)
+
+
+def test_recompute_hidden_saves_no_hidden_and_is_refused_where_it_cannot_apply():
+    from divmoe.config import ConfigError
+    from divmoe.layer import MoE
+    experts = StackedSwiGLU(5, 4, 3).double()
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    y = dispatch_combine(x, plan_for(IDS, torch.rand(6, 2, dtype=torch.float64)), experts,
+                         recompute_hidden=True)
+    assert y.grad_fn.acts == [None] * len(y.grad_fn.chunks)
+    with pytest.raises(ConfigError, match="recompute_hidden=True is not allowed"):
+        MoE(8, expert_layout="lora", recompute_hidden=True)

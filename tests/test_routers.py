@@ -183,7 +183,8 @@ def test_null_slots_cost_no_expert_flops_and_are_counted(monkeypatch):
     rows = []
     real = dispatch_grouped.routed_swiglu
     monkeypatch.setattr(dispatch_grouped, "routed_swiglu",
-                        lambda x, token_R, *a: rows.append(len(token_R)) or real(x, token_R, *a))
+                        lambda x, token_R, *a, **kw:
+                        rows.append(len(token_R)) or real(x, token_R, *a, **kw))
     x = torch.randn(50, 8)
     out = moe(x)
     plan = moe.router(x)

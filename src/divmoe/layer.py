@@ -13,6 +13,7 @@ Forward pass for x[..., D] (T = number of tokens after flattening the leading di
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -104,6 +105,10 @@ class MoEConfig:
                                   help="dselect_k: width γ of the smooth-step function")
     dispatch: str = option("grouped", choices=sorted(DISPATCHERS),
                            help="grouped = fast path; reference = loop over experts")
+    recompute_hidden: bool = option(False, help="SwiGLU fast path: keep only the layer input for "
+                                    "backward and recompute each chunk's expert hidden there "
+                                    "(one more up-projection GEMM: less memory, more time); the "
+                                    "reference loop ignores it")
 
     def check(self, prefix: str = "") -> None:
         if self.expert_widths is not None:
@@ -128,6 +133,11 @@ class MoEConfig:
         if self.num_experts % self.n_groups:
             raise ConfigError(f"{prefix}n_groups={self.n_groups} is not allowed: must divide "
                               f"{prefix}num_experts={self.num_experts}")
+        if self.recompute_hidden and (self.expert_layout != "swiglu" or self.router == "soft_merge"):
+            raise ConfigError(f"{prefix}recompute_hidden=True is not allowed with {prefix}"
+                              f"expert_layout={self.expert_layout!r}, {prefix}router="
+                              f"{self.router!r}: it applies to the SwiGLU dispatch path only "
+                              f"(expert_layout=swiglu, any router but soft_merge)")
         if self.topk_groups > self.n_groups:
             raise ConfigError(f"{prefix}topk_groups={self.topk_groups} is not allowed: must be <= "
                               f"{prefix}n_groups={self.n_groups}")
@@ -244,6 +254,8 @@ class MoE(nn.Module):
         self.shared_gate = nn.Linear(d_model, 1, bias=False) \
             if c.num_shared_experts and c.shared_expert_gate else None
         self._dispatch = DISPATCHERS[c.dispatch]
+        if c.dispatch == "grouped" and c.recompute_hidden:
+            self._dispatch = functools.partial(self._dispatch, recompute_hidden=True)
         # router=soft_merge (SMEAR) runs one merged expert per sequence instead of dispatch.
         self._soft_merge = SOFT_MERGE_PATHS[c.dispatch] if c.router == "soft_merge" else None
         if self._soft_merge is not None and not isinstance(self.experts, StackedSwiGLU):

@@ -15,8 +15,9 @@ Per shape (d, F, E, k):
                      factor 1.25, all k routes kept: threshold 0), in sequences of 1024 tokens. Not
                      the same function, so not in the correctness check.
 * ``--extra``        adds ``divmoe+aux+z`` (default balance losses on), ``divmoe[loop]`` (the
-                     per-expert loop fallback of ``grouped_mm``, native kernel off) and
-                     ``divmoe[hetero]`` (HMoE widths F/2 and 3F/2 alternating: the same mean
+                     per-expert loop fallback of ``grouped_mm``, native kernel off),
+                     ``divmoe[recompute]`` (``recompute_hidden=True``: no expert hidden kept for
+                     backward) and ``divmoe[hetero]`` (HMoE widths F/2 and 3F/2 alternating: the same mean
                      width, two buckets; its own weights, so not in the correctness check).
 
 All Mixtral-compatible candidates share one set of weights (the Mixtral block's, copied into
@@ -136,17 +137,19 @@ def build_candidates(shape, tokens: int, *, hf, st_moe, extra: bool, device, dty
     dense = SwiGLU(d, k * F)
     cands = [Candidate("dense", dense, lambda x, m=dense: [m(x)], same_function=False)]
 
-    def moe(balance):
+    def moe(balance, **kw):
         return MoE(d, MoEConfig(num_experts=E, top_k=k, expert_hidden=F, dispatch="grouped",
-                                balance=balance))
+                                balance=balance, **kw))
 
     plain = moe([])
     mine = [("divmoe", plain, lambda x, m=plain: [m(x).output], contextlib.nullcontext)]
     if extra:
-        aux, loop = moe(["aux_loss", "z_loss"]), moe([])
+        aux, loop, rec = moe(["aux_loss", "z_loss"]), moe([]), moe([], recompute_hidden=True)
         mine += [("divmoe+aux+z", aux, lambda x, m=aux: list(m(x)[:2]), contextlib.nullcontext),
                  ("divmoe[loop]", loop, lambda x, m=loop: [m(x).output],
-                  lambda: native_grouped_mm(False))]
+                  lambda: native_grouped_mm(False)),
+                 ("divmoe[recompute]", rec, lambda x, m=rec: [m(x).output],
+                  contextlib.nullcontext)]
 
     blocks = {}
     if hf is not None:

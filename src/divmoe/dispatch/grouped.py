@@ -33,7 +33,10 @@ from .routed_swiglu import Chunk, routed_swiglu
 CPU_CHUNK_BYTES = 8 << 20
 
 
-def dispatch_combine(x_TD: torch.Tensor, plan: RoutingPlan, experts) -> torch.Tensor:
+def dispatch_combine(x_TD: torch.Tensor, plan: RoutingPlan, experts,
+                     recompute_hidden: bool = False) -> torch.Tensor:
+    """out_TD: every token's routed experts, weighted by the plan. ``recompute_hidden``: the
+    SwiGLU path keeps no expert hidden for backward and recomputes it there."""
     T, K = plan.expert_ids_TK.shape
     E = plan.num_experts
     if T == 0:
@@ -57,7 +60,8 @@ def dispatch_combine(x_TD: torch.Tensor, plan: RoutingPlan, experts) -> torch.Te
         weight_R = plan.weights_TK.reshape(-1).index_select(0, routed_R).to(x_TD.dtype)
     if buckets:
         chunks = plan_chunks(counts, buckets, x_TD)
-        return routed_swiglu(x_TD, token_R, weight_R, buckets, chunks)
+        return routed_swiglu(x_TD, token_R, weight_R, buckets, chunks,
+                             save_hidden=not recompute_hidden)
     with torch.profiler.record_function("divmoe.dispatch"):
         x_RD = x_TD.index_select(0, token_R)
     with torch.profiler.record_function("divmoe.experts"):

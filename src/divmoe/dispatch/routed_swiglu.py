@@ -23,6 +23,10 @@ chunk after chunk instead of mapping fresh pages for every [R, ·] tensor. Backw
 chunk's h and a as it finishes with them, which takes them off the memory peak while the
 weight gradients fill up. One chunk per bucket is the unchunked computation.
 
+``save_hidden=False`` (``MoEConfig.recompute_hidden``) keeps only x: backward recomputes each
+chunk's h = x_c @ W_in and a before using them, one extra GEMM per chunk for a peak memory
+without any [R, ·] activation saved across the forward/backward boundary.
+
 Forward, per chunk (rows expert-contiguous, buckets in turn):
     x_c = x_TD[token_c]                    dispatch
     h = x_c @ W_in[e];  a = silu(h_gate) · h_up;  s = w_c · a;  y = s @ W_out[e]
@@ -60,15 +64,16 @@ class Chunk(NamedTuple):
 
 def routed_swiglu(x_TD: torch.Tensor, token_R: torch.Tensor, weight_R: torch.Tensor,
                   buckets: list[tuple[torch.Tensor, torch.Tensor]],
-                  chunks: list[Chunk]) -> torch.Tensor:
+                  chunks: list[Chunk], save_hidden: bool = True) -> torch.Tensor:
     """out_TD[t] = Σ over routed rows r of token t: weight_R[r] · expert_r(x_TD[t]).
 
     ``token_R``: the token of each routed row, rows expert-contiguous, bucket after bucket;
     ``buckets[b]`` = (w_in [E_b, d, 2·H_b], w_out [E_b, H_b, d]); ``chunks`` cover every
     routed row once, in row order, and every expert of a bucket that has rows.
+    ``save_hidden=False``: backward recomputes each chunk's hidden instead of keeping it.
     """
     flat = [w for pair in buckets for w in pair]
-    return _RoutedSwiGLU.apply(x_TD, token_R, weight_R, chunks, *flat)
+    return _RoutedSwiGLU.apply(x_TD, token_R, weight_R, chunks, save_hidden, *flat)
 
 
 def _swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -91,7 +96,7 @@ def _swiglu_backward(h: torch.Tensor, grad_a: torch.Tensor) -> torch.Tensor:
 class _RoutedSwiGLU(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x_TD, token_R, weight_R, chunks, *weights):
+    def forward(ctx, x_TD, token_R, weight_R, chunks, save_hidden, *weights):
         out_TD = x_TD.new_zeros(x_TD.shape)
         acts = []
         for c in chunks:
@@ -106,11 +111,12 @@ class _RoutedSwiGLU(torch.autograd.Function):
                 y = gmm(a * weight_R[c.r0:c.r1, None], w_out[c.e0:c.e1], c.offs)
             with record_function("divmoe.combine"):
                 out_TD.index_add_(0, tok, y)
-            acts.append((h, a))
+            acts.append((h, a) if save_hidden else None)
+            del h, a, y
         ctx.save_for_backward(x_TD, token_R, weight_R, *weights)
         # Not saved_tensors: backward drops each chunk's (h, a) as soon as it is used up, which
-        # takes them off the memory peak. A second backward through the same graph
-        # (retain_graph=True) finds None and recomputes them from x.
+        # takes them off the memory peak. Where it finds None (save_hidden=False, or a second
+        # backward through the same graph with retain_graph=True) it recomputes them from x.
         ctx.chunks, ctx.acts = chunks, acts
         return out_TD
 
@@ -119,7 +125,7 @@ class _RoutedSwiGLU(torch.autograd.Function):
     def backward(ctx, grad_TD):
         x_TD, token_R, weight_R, *weights = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        need_param = ctx.needs_input_grad[4:]
+        need_param = ctx.needs_input_grad[5:]
         grad_TD = grad_TD.contiguous()
         grad_x = None
         grad_weight = weight_R.new_empty(weight_R.shape) if need_w else None
@@ -130,9 +136,13 @@ class _RoutedSwiGLU(torch.autograd.Function):
             w_in, w_out = weights[2 * b][c.e0:c.e1], weights[2 * b + 1][c.e0:c.e1]
             tok, w_col = token_R[c.r0:c.r1], weight_R[c.r0:c.r1, None]
             acts, ctx.acts[i] = ctx.acts[i], None
+            x_c = None  # the chunk's gathered rows, when recomputing h needed them anyway
             if acts is None:
-                h = gmm(x_TD.index_select(0, tok), w_in, c.offs)
-                acts = h, _swiglu(h)
+                with record_function("divmoe.dispatch"):
+                    x_c = x_TD.index_select(0, tok)
+                with record_function("divmoe.experts"):
+                    h = gmm(x_c, w_in, c.offs)
+                    acts = h, _swiglu(h)
             h, a = acts
             del acts
             for j in (2 * b, 2 * b + 1):
@@ -152,10 +162,11 @@ class _RoutedSwiGLU(torch.autograd.Function):
                 grad_h = _swiglu_backward(h, grad_s.mul_(w_col))
                 del grad_s, h
                 if need_param[2 * b]:
-                    with record_function("divmoe.dispatch"):
-                        x_c = x_TD.index_select(0, tok)
+                    if x_c is None:
+                        with record_function("divmoe.dispatch"):
+                            x_c = x_TD.index_select(0, tok)
                     gmm_wgrad(x_c, grad_h, c.offs, out=grad_params[2 * b][c.e0:c.e1])
-                    del x_c
+                del x_c
                 if need_x:
                     grad_x_c = gmm(grad_h, w_in.transpose(1, 2), c.offs)
                 del grad_h
@@ -165,4 +176,4 @@ class _RoutedSwiGLU(torch.autograd.Function):
                         grad_x = x_TD.new_zeros(x_TD.shape)
                     grad_x.index_add_(0, tok, grad_x_c)
                 del grad_x_c
-        return (grad_x, None, grad_weight, None, *grad_params)
+        return (grad_x, None, grad_weight, None, None, *grad_params)
