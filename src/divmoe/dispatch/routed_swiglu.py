@@ -99,6 +99,7 @@ class _RoutedSwiGLU(torch.autograd.Function):
     def forward(ctx, x_TD, token_R, weight_R, chunks, save_hidden, *weights):
         out_TD = x_TD.new_zeros(x_TD.shape)
         acts = []
+        save_hidden = save_hidden and any(ctx.needs_input_grad)  # no backward: keep nothing
         for c in chunks:
             w_in, w_out = weights[2 * c.bucket], weights[2 * c.bucket + 1]
             tok = token_R[c.r0:c.r1]

@@ -8,9 +8,9 @@ Each expert owns exactly 3·d·H_e parameters, nothing is padded to the widest e
 Why buckets rather than one concatenated [d, Σ 2·H_e] matrix with column offsets: a
 concatenated matrix has a different N per expert, which no grouped GEMM here supports, so
 it would need a Python loop over experts (E matmuls, small and badly shaped). Buckets keep
-the fast path (:mod:`divmoe.dispatch.routed_swiglu`): one grouped matmul pair per bucket,
-and HMoE configurations use a handful of distinct widths, so its Python loop runs over a
-few buckets, never over experts or tokens. With one width this is exactly
+the fast path (:mod:`divmoe.dispatch.routed_swiglu`): grouped matmul pairs per bucket (per
+chunk of a bucket's experts on CPU), and HMoE configurations use a handful of distinct widths,
+so its Python loop runs over a few buckets and chunks, never over every expert or token. With one width this is exactly
 :class:`StackedSwiGLU`.
 
 Dispatch sorts rows by :attr:`row_position_E` (each expert's rank in (bucket, id) order)
