@@ -19,12 +19,14 @@ Gathers are ``index_select`` (backward: ``index_add``) and the combine is ``inde
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 
 from ..routing.plan import RoutingPlan
 from .routed_swiglu import Chunk, routed_swiglu
 
-# Rows per chunk of the SwiGLU path on CPU: a chunk's widest temporary ([rows, max(d, 2H)])
+# Bytes per chunk of the SwiGLU path on CPU: a chunk's widest temporary ([rows, max(d, 2H)])
 # stays near this size. Small enough for the allocator to recycle the same blocks chunk after
 # chunk (glibc maps every block above 32 MiB afresh, paying a page fault per 4 KiB) and to
 # keep a chunk's rows in cache from gather to scatter; large enough that a chunk's GEMMs are
@@ -98,8 +100,8 @@ def plan_chunks(counts: list[int], buckets, x_TD: torch.Tensor,
                 rows = 0
             rows += n
         for e0, e1 in zip(start, start[1:] + [E_b]):
-            part = bucket_counts[e0:e1]
-            offs = torch.tensor(part, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-            chunks.append(Chunk(b, e0, e1, r, r + sum(part), offs.to(x_TD.device)))
-            r += sum(part)
+            offs = list(accumulate(bucket_counts[e0:e1]))
+            chunks.append(Chunk(b, e0, e1, r, r + offs[-1],
+                                torch.tensor(offs, dtype=torch.int32, device=x_TD.device)))
+            r += offs[-1]
     return chunks

@@ -11,8 +11,8 @@ it would need a Python loop over experts (E matmuls, small and badly shaped). Bu
 the fast path (:mod:`divmoe.dispatch.routed_swiglu`): grouped matmul pairs per bucket (per
 chunk of a bucket's experts on CPU), and HMoE configurations use a handful of distinct widths,
 so its Python loop runs over a few buckets and their chunks (a chunk is whole experts and
-megabytes of rows, so an expert too small to matter never costs an iteration of its own). With one width this is exactly
-:class:`StackedSwiGLU`.
+megabytes of rows, so an expert too small to matter never costs an iteration of its own).
+With one width this is exactly :class:`StackedSwiGLU`.
 
 Dispatch sorts rows by :attr:`row_position_E` (each expert's rank in (bucket, id) order)
 instead of by expert id, so every bucket's rows are one contiguous block, experts
