@@ -73,7 +73,7 @@ def test_existing_run_is_not_overwritten(tmp_path):
     train(tmp_path / "r", cfg, progress=False)
     with pytest.raises(RunError, match="already holds a run"):
         train(tmp_path / "r", cfg, progress=False)
-    with pytest.raises(RunError, match="no checkpoint"):
+    with pytest.raises(RunError, match="holds no run"):
         train(tmp_path / "other", None, resume=True, progress=False)
 
 

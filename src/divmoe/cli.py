@@ -169,14 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     # Bad settings and bad files are the user's to fix: one line naming what was wrong,
-    # not a traceback. ConfigError is a ValueError.
+    # not a traceback. ConfigError is a ValueError; an OSError (disk full, no permission)
+    # names its file.
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except Exception as exc:
         from .train import RunError
 
-        if not isinstance(exc, (ValueError, FileNotFoundError, RunError)):
+        if not isinstance(exc, (ValueError, OSError, RunError)):
             raise
         print(f"divmoe: error: {exc}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from ..diagnostics import (cache_gain_at, expert_domain_counts, expert_output_ve
                            load_summary, load_trajectory, redundancy_summary, routing_totals,
                            sch_curve, specialization_summary, srp_curve)
 from ..diagnostics.redundancy import probe_experts
+from ..files import atomic_write_text, check_output_folder
 from .source import AnalysisSource, AnalyzeError, load_source
 
 DEFAULT_MAX_BYTES = 32768
@@ -109,8 +110,10 @@ def analyze(path: str | Path, out: str | Path, max_bytes: int = DEFAULT_MAX_BYTE
     t0 = time.perf_counter()
     if max_bytes < 2:
         raise AnalyzeError(f"--max-bytes must be >= 2, got {max_bytes}")
+    out = check_output_folder(out)
     src = load_source(path)
-    out = Path(out)
+    for note in src.notes:  # a fallback or a guessed tokenizer is said even with --quiet
+        _log(True, f"note: {note}")
     _log(progress, f"{src.kind} model from {src.path}: {len(src.moes)} MoE layers, "
                    f"E={src.info['num_experts']}, k={src.info['top_k']}, tokenizer {src.tokenizer}")
     streams = _domain_streams(load_corpus("val"))
@@ -221,7 +224,7 @@ def analyze(path: str | Path, out: str | Path, max_bytes: int = DEFAULT_MAX_BYTE
 
     out.mkdir(parents=True, exist_ok=True)
     result = _clean(result)
-    (out / "analysis.json").write_text(json.dumps(result, indent=1, allow_nan=False))
+    atomic_write_text(out / "analysis.json", json.dumps(result, indent=1, allow_nan=False))
     from .html import write_analysis_html
 
     write_analysis_html(result, out / "analysis.html")

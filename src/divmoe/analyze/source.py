@@ -41,12 +41,17 @@ class AnalysisSource:
     info: dict = field(default_factory=dict)
 
 
-def _divmoe_checkpoint(path: Path) -> tuple[Path, Path] | None:
-    """(config.yaml, model.safetensors) if ``path`` is a run folder or its checkpoint folder."""
-    for run, ckpt in ((path, path / "checkpoint"), (path, path / "checkpoint.old"),
-                      (path.parent, path)):
-        if (run / "config.yaml").is_file() and (ckpt / "model.safetensors").is_file():
-            return run / "config.yaml", ckpt / "model.safetensors"
+def _divmoe_run(path: Path) -> tuple[Path, list[Path]] | None:
+    """(config.yaml, the checkpoint folders to try, newest first) if ``path`` is a run folder
+    or one of its checkpoint folders (then only that one is tried)."""
+    from ..train.checkpoint import CHECKPOINT, PREVIOUS, WEIGHTS
+
+    if (path / "config.yaml").is_file():
+        ckpts = [c for c in (path / CHECKPOINT, path / PREVIOUS) if (c / WEIGHTS).is_file()]
+        if ckpts:
+            return path / "config.yaml", ckpts
+    if (path.parent / "config.yaml").is_file() and (path / WEIGHTS).is_file():
+        return path.parent / "config.yaml", [path]
     return None
 
 
@@ -64,7 +69,7 @@ def load_source(path: str | Path) -> AnalysisSource:
         raise AnalyzeError(f"{path} is not a folder: expected a divmoe run folder (config.yaml + "
                            f"checkpoint/model.safetensors) or a Hugging Face model folder "
                            f"(config.json + *.safetensors)")
-    found = _divmoe_checkpoint(path)
+    found = _divmoe_run(path)
     if found is not None:
         return _load_divmoe(path, *found)
     if _is_hf_folder(path):
@@ -76,18 +81,28 @@ def load_source(path: str | Path) -> AnalysisSource:
 
 
 # ----------------------------------------------------------------------------- divmoe
-def _load_divmoe(path: Path, config_path: Path, weights: Path) -> AnalysisSource:
-    from safetensors.torch import load_file
-
+def _load_divmoe(path: Path, config_path: Path, ckpts: list[Path]) -> AnalysisSource:
+    """The model of ``config_path`` with the weights of the first checkpoint that reads back
+    whole (a damaged newer one is named in the notes)."""
     from ..models import MoETransformer
+    from ..train.checkpoint import WEIGHTS, CheckpointError, load_weights
     from ..train.config import load_config
 
     cfg = load_config(config_path)
     model = MoETransformer(cfg.model, cfg.moe)
-    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
-    if missing or unexpected:
-        raise AnalyzeError(f"{weights} does not match {config_path}: missing "
-                           f"{list(missing)[:3]}, unexpected {list(unexpected)[:3]}")
+    errors: list[CheckpointError] = []
+    for ckpt in ckpts:
+        try:
+            load_weights(ckpt, model, str(config_path))
+            break
+        except CheckpointError as exc:
+            errors.append(exc)
+    else:
+        raise AnalyzeError(str(errors[0]) + ("; no earlier complete checkpoint to fall back to"
+                                             if len(errors) == 1 else
+                                             f"; and the previous one: {errors[1]}"))
+    notes = [f"{exc}; analysed the previous checkpoint {ckpt} instead" for exc in errors]
+    weights = ckpt / WEIGHTS
     model.eval()
     idx = model.moe_layers
     if not idx:
@@ -101,7 +116,8 @@ def _load_divmoe(path: Path, config_path: Path, weights: Path) -> AnalysisSource
     src = AnalysisSource(kind="divmoe", path=path, model=model,
                          layer_names=[f"layer {i}" for i in idx], moes=moes, hook_modules=moes,
                          seq_len=cfg.model.seq_len, vocab_size=cfg.model.vocab_size,
-                         tokenizer="byte", encode=encode, forward=lambda t: model(t))
+                         tokenizer="byte", notes=notes, encode=encode,
+                         forward=lambda t: model(t))
     src.info = {"config": str(config_path), "weights": str(weights),
                 "num_experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k,
                 "router": cfg.moe.router, **model.param_counts()}
@@ -118,14 +134,25 @@ def _load_hf(path: Path) -> AnalysisSource:
     except ImportError as exc:  # pragma: no cover - transformers is a dependency of the hf extra
         raise AnalyzeError(f"{path} looks like a Hugging Face model but transformers is not "
                            f"installed: {exc}") from None
-    from ..hf import find_moe_blocks, moe_from_hf_block
+    from ..hf import SUPPORTED_MODEL_TYPES, find_moe_blocks, moe_from_hf_block
 
+    try:
+        cfg_json = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise AnalyzeError(f"{path / 'config.json'}: not readable JSON ({exc})") from None
+    model_type = cfg_json.get("model_type") if isinstance(cfg_json, dict) else None
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        archs = ", ".join(cfg_json.get("architectures") or []) if isinstance(cfg_json, dict) else ""
+        raise AnalyzeError(f"{path}: HF model_type {model_type!r}{f' ({archs})' if archs else ''} "
+                           f"is not a MoE family divmoe maps; supported: "
+                           f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
                                                      dtype=torch.float32)
     except Exception as exc:  # noqa: BLE001 - surface transformers' reason in one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise AnalyzeError(f"could not load {path} with transformers "
-                           f"AutoModelForCausalLM: {type(exc).__name__}: {exc}") from None
+                           f"AutoModelForCausalLM: {type(exc).__name__}: {first}") from None
     model.eval()
     blocks = find_moe_blocks(model)
     if not blocks:
@@ -174,7 +201,6 @@ def _load_hf(path: Path) -> AnalysisSource:
                          layer_names=[name for name, _ in blocks], moes=moes,
                          hook_modules=[b for _, b in blocks], seq_len=seq_len, vocab_size=vocab,
                          tokenizer=tok_name, notes=notes, encode=encode, forward=forward)
-    cfg_json = json.loads((path / "config.json").read_text())
     src.info = {"model_type": cfg.model_type, "architectures": cfg_json.get("architectures"),
                 "num_experts": moes[0].config.num_experts, "top_k": moes[0].config.top_k,
                 "params_total": sum(p.numel() for p in model.parameters())}

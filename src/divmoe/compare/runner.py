@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, apply_overrides, to_dict
+from ..files import check_output_folder
 from ..train import load_config, train
-from ..train.checkpoint import find_checkpoint
+from ..train.checkpoint import checkpoint_candidates
 
 
 @dataclass
@@ -51,12 +52,9 @@ def _check_name(name: str) -> str:
 def load_study(path: str | Path) -> tuple[list[str], list[Variant]]:
     """A study file: ``base:`` (list of key=value, or a nested mapping) applied to every variant,
     and ``variants:`` mapping name → list of key=value overrides (or a nested mapping)."""
-    import yaml
+    from ..train.config import read_yaml_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml_file(path, "study file")
     if not isinstance(data, dict) or not isinstance(data.get("variants"), dict) or not data["variants"]:
         raise ConfigError(f"study file {str(path)!r} must hold a mapping with a non-empty "
                           f"'variants:' mapping of name → overrides")
@@ -137,7 +135,7 @@ def train_variant(out: Path, variant: Variant, base: list[str] = (), progress: b
 
 
 def _train_variant(run: Path, cfg, progress: bool) -> str:
-    if run.exists() and find_checkpoint(run) is not None:
+    if run.exists() and checkpoint_candidates(run):
         train(run, cfg, resume=True, progress=progress)
         return "resumed"
     if run.exists():  # a run that died before its first checkpoint: nothing to keep
@@ -283,6 +281,7 @@ def run_compare(out: str | Path, variants: list[Variant], base: list[str] = (),
         raise ConfigError(f"variant name {dup!r} is used twice; names must be distinct")
     for v in variants:  # every configuration is checked before any training starts
         v.resolve(base)
+    check_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     summaries = []
     for v in variants:

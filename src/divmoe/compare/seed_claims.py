@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import check_output_folder
 from .runner import (Variant, markdown_table, train_variant, variant_summary, write_report_html,
                      TABLE_NOTES)
 
@@ -228,7 +229,7 @@ def run_seed_claims(out: str | Path, quick: bool = False, seeds: int | None = No
                     progress: bool = False, log=print, lock: str | Path | None = None) -> dict:
     """Train every variant for every seed (resumably) into ``OUT/<variant>-s<seed>/``, then write
     ``OUT/summary.md`` (claims table + per-run table) and ``OUT/report.html``."""
-    out = Path(out)
+    out = check_output_folder(out)
     seeds = seeds if seeds is not None else (1 if quick else 2)
     base = QUICK if quick else BASE
     vs = variants(quick)

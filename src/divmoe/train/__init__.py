@@ -1,7 +1,9 @@
 """Training: the run configuration, the loop, checkpoints."""
 
 from .config import DataConfig, RunConfig, TrainConfig, load_config
-from .loop import RunError, TrainResult, evaluate, train
+from .checkpoint import CheckpointError
+from .loop import TrainResult, evaluate, train
+from .run_folder import RunError
 
-__all__ = ["DataConfig", "RunConfig", "TrainConfig", "load_config", "RunError", "TrainResult",
+__all__ = ["DataConfig", "RunConfig", "TrainConfig", "load_config", "RunError", "CheckpointError", "TrainResult",
            "evaluate", "train"]

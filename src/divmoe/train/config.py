@@ -51,15 +51,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
     """Defaults ← ``base`` mapping ← YAML file ← ``key=value`` overrides, then validated."""
     data = dict(base or {})
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = read_yaml_file(path, "config file")
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of settings, got "
+                              f"{type(loaded).__name__}")
         data = _merge(data, loaded)
     data = apply_overrides(data, list(overrides))
     return validate(from_dict(RunConfig, data))
+
+
+def read_yaml_file(path: str | Path, what: str):
+    """The parsed content of a YAML file (an empty file is ``{}``); ConfigError naming the file
+    when it is missing, a folder, unreadable or not YAML (with the line of the mistake)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is a folder; give a YAML file")
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what} {str(path)!r} cannot be read: {exc}") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML:{where}: {problem}") from None
 
 
 def _merge(a: dict, b: dict) -> dict:

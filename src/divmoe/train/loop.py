@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -28,15 +27,13 @@ from tqdm.auto import tqdm
 from ..config import ConfigError, dump_yaml, to_dict
 from ..data.corpus import domains, load_corpus
 from ..data.mixture import MixtureSampler, unigram_entropy_bits, validation_set
+from ..files import atomic_write_text, check_output_folder
 from ..models import MoETransformer
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_candidates, load_latest, save_checkpoint
 from .config import RunConfig, load_config
+from .run_folder import RunError, locked_run
 
 LN2 = math.log(2.0)
-
-
-class RunError(RuntimeError):
-    """A run folder in a state the requested action cannot work with."""
 
 
 def lr_at(step: int, cfg) -> float:
@@ -145,15 +142,30 @@ def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: in
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def _rewrite_metrics(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    """The rows of metrics.jsonl; a torn last line (the process died while appending it) is
+    dropped, a bad line before it is an error naming the file and line."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:
+                break
+            raise RunError(f"{path}:{i + 1}: not a JSON metrics row; fix or remove that line") from None
+    return rows
 
 
 class _StopAtStepBoundary:
@@ -188,12 +200,23 @@ class TrainResult:
 def train(out: str | Path, config: RunConfig | None = None, resume: bool = False,
           progress: bool = True, stop_after: int | None = None) -> TrainResult:
     """Train (or resume) a run in ``out``. ``stop_after`` ends the run early at that step as if
-    interrupted (used to test resuming)."""
-    run_dir = Path(out)
-    ckpt_path = find_checkpoint(run_dir) if run_dir.exists() else None
+    interrupted (used to test resuming). The run folder is locked while this runs."""
+    run_dir = check_output_folder(out)
+    if resume and not (run_dir / "config.yaml").is_file():
+        raise RunError(f"--resume: {run_dir} holds no run (no config.yaml); start it without "
+                       f"--resume")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with locked_run(run_dir):
+        return _train(run_dir, config, resume, progress, stop_after)
+
+
+def _log(msg: str) -> None:
+    print(f"divmoe: {msg}", file=sys.stderr, flush=True)
+
+
+def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool,
+           stop_after: int | None) -> TrainResult:
     if resume:
-        if ckpt_path is None:
-            raise RunError(f"--resume: no checkpoint in {run_dir}; start it without --resume")
         saved = load_config(run_dir / "config.yaml")
         if config is not None and to_dict(config) != to_dict(saved):
             # Only the length of the run may change on resume; anything else would not be a resume.
@@ -205,19 +228,39 @@ def train(out: str | Path, config: RunConfig | None = None, resume: bool = False
             saved.train.steps = config.train.steps
         config = saved
     else:
-        if ckpt_path is not None or (run_dir / "metrics.jsonl").exists():
+        if checkpoint_candidates(run_dir) or (run_dir / "metrics.jsonl").exists():
             raise RunError(f"{run_dir} already holds a run; pass --resume to continue it, "
                            "or choose another --out")
         config = config or load_config()
     cfg = config
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
 
     torch.manual_seed(cfg.train.seed)
     model = MoETransformer(cfg.model, cfg.moe)
     optimizer = build_optimizer(model, cfg)
+    metrics_path = run_dir / "metrics.jsonl"
+    state = {"step": 0, "loss_sum": 0.0, "loss_count": 0, "train_time": 0.0, "tokens_seen": 0,
+             "elapsed": 0.0}
+    metrics: list[dict] = []
+    if resume:
+        metrics = _read_metrics(metrics_path)
+        loaded = load_latest(run_dir, model, optimizer, log=_log)
+        if loaded is None and any(r.get("step", 0) > 0 for r in metrics):
+            raise RunError(f"--resume: {run_dir} has metrics up to step "
+                           f"{max(r['step'] for r in metrics)} but no checkpoint (checkpoint/ "
+                           f"and checkpoint.prev/ are gone), so it cannot continue; remove "
+                           f"{run_dir} to start over, or choose another --out")
+        if loaded is None:  # killed before its first checkpoint: nothing was done yet
+            _log(f"{run_dir} has no checkpoint yet: starting it from step 0")
+            resume, metrics = False, []
+        else:
+            state = loaded[1]
+            if cfg.train.steps < state["step"]:
+                raise ConfigError(f"--resume: train.steps={cfg.train.steps} but {loaded[0]} is "
+                                  f"already at step {state['step']}; train.steps may only stay "
+                                  f"or grow on resume")
+    atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
     train_docs, val_docs = load_corpus("train"), load_corpus("val")
     unknown = sorted(set(cfg.data.weights or {}) - set(domains()))
     if unknown:
@@ -227,16 +270,8 @@ def train(out: str | Path, config: RunConfig | None = None, resume: bool = False
                              weights=cfg.data.weights, temperature=cfg.data.temperature)
     val = validation_set(val_docs, cfg.model.seq_len, cfg.data.val_bytes_per_domain)
 
-    metrics_path = run_dir / "metrics.jsonl"
-    state = {"step": 0, "loss_sum": 0.0, "loss_count": 0, "train_time": 0.0, "tokens_seen": 0,
-             "elapsed": 0.0}
-    metrics: list[dict] = []
     if resume:
-        state = load_checkpoint(ckpt_path, model)
-        optimizer.load_state_dict(state.pop("optimizer"))
-        torch.set_rng_state(state.pop("rng"))
-        if metrics_path.exists():
-            metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+        torch.set_rng_state(state.pop("rng"))  # here, where the uninterrupted run's RNG stands
         metrics = [r for r in metrics if r["step"] <= state["step"]]
         _rewrite_metrics(metrics_path, metrics)
     elif metrics_path.exists():
