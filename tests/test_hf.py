@@ -149,6 +149,7 @@ def test_per_expert_module_list_layout():
     mlps = nn.ModuleList()
     for e in range(E):
         mlp = nn.Module()
+        mlp.act_fn = nn.SiLU()
         gate, up = fused.gate_up_proj[e].detach().chunk(2, dim=0)
         for n, w in (("w1", gate), ("w3", up), ("w2", fused.down_proj[e].detach())):
             setattr(mlp, n, nn.Linear(w.shape[1], w.shape[0], bias=False))

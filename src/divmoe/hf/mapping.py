@@ -191,7 +191,8 @@ def _check_semantics(block: nn.Module, model_type: str, moe: MoE) -> None:
     else:
         want.update(n_groups=1, routed_scaling=1.0)
     if fam.shared_gate is not None:
-        want["shared_expert_gate"] = getattr(block, fam.shared_gate, None) is not None
+        want["shared_expert_gate"] = (getattr(block, fam.shared_gate, None) is not None
+                                      and _shared_width(block, fam) > 0)
     for key, value in want.items():
         have = getattr(c, key)
         same = abs(have - value) <= 1e-12 * abs(value) if isinstance(value, float) else have == value
@@ -199,6 +200,61 @@ def _check_semantics(block: nn.Module, model_type: str, moe: MoE) -> None:
             raise ValueError(f"moe.config.{key}={have!r} but the HF {type(block).__name__} routes "
                              f"with {key}={value!r}; build the layer with "
                              f"moe_config_from_hf(hf_config)")
+
+
+def _shared_width(block: nn.Module, fam: _Family) -> int:
+    """Width of the block's shared expert; 0 when it has none. A zero-width one (HF builds it
+    for ``shared_expert_intermediate_size=0``) adds exactly zero, so it counts as none."""
+    hf_shared = getattr(block, fam.shared, None) if fam.shared else None
+    return 0 if hf_shared is None else int(hf_shared.gate_proj.weight.shape[0])
+
+
+_SILU_PROBE = torch.linspace(-8.0, 8.0, 161, dtype=torch.float64)
+
+
+def _check_silu(act: Any, where: str) -> None:
+    """divmoe experts compute silu(x·W_gate) ⊙ (x·W_up): refuse any other activation, checked
+    on values (classes differ across transformers releases: nn.SiLU, SiLUActivation...)."""
+    if act is None:
+        raise ValueError(f"HF {where} has no act_fn, so its activation cannot be checked; "
+                         f"divmoe maps SwiGLU (SiLU) experts only")
+    try:
+        same = torch.allclose(act(_SILU_PROBE.clone()), torch.nn.functional.silu(_SILU_PROBE),
+                              rtol=1e-6, atol=1e-9)
+    except Exception:  # noqa: BLE001 - an activation that cannot even run on a tensor
+        same = False
+    if not same:
+        raise ValueError(f"HF {where} uses the activation {type(act).__name__}; divmoe experts "
+                         f"are SwiGLU (SiLU gate), so this block cannot be mapped")
+
+
+def _check_no_bias(module: nn.Module | None, where: str) -> None:
+    for name in ("bias", "gate_up_proj_bias", "down_proj_bias"):
+        if isinstance(getattr(module, name, None), torch.Tensor):
+            raise ValueError(f"HF {where}.{name} is set: divmoe routers and experts have no "
+                             f"biases, so this block cannot be mapped")
+    if getattr(module, "has_bias", False):
+        raise ValueError(f"HF {where} has biases (has_bias=True): divmoe experts have none")
+
+
+def _check_expert_function(block: nn.Module, fam: _Family) -> None:
+    """Refuse what the weights do not carry: another activation, biases anywhere."""
+    _check_no_bias(block.gate, "gate")
+    experts = block.experts
+    mlps = ([(f"experts.{e}", m) for e, m in enumerate(experts)]
+            if isinstance(experts, nn.ModuleList) else [])
+    if _shared_width(block, fam):
+        mlps.append((fam.shared, getattr(block, fam.shared)))
+    if not isinstance(experts, nn.ModuleList):
+        _check_no_bias(experts, "experts")
+        _check_silu(getattr(experts, "act_fn", None), "experts")
+    for where, mlp in mlps:
+        _check_silu(getattr(mlp, "act_fn", None), where)
+        for proj in ("w1", "w2", "w3", "gate_proj", "up_proj", "down_proj"):
+            if hasattr(mlp, proj):
+                _check_no_bias(getattr(mlp, proj), f"{where}.{proj}")
+    if fam.shared_gate and _shared_width(block, fam):
+        _check_no_bias(getattr(block, fam.shared_gate, None), fam.shared_gate)
 
 
 def _expert_pairs(hf_experts: nn.Module, moe: MoE) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -217,8 +273,6 @@ def _expert_pairs(hf_experts: nn.Module, moe: MoE) -> list[tuple[str, torch.Tens
             raise ValueError(f"HF block has {len(hf_experts)} experts but "
                              f"moe.config.num_experts={moe.config.num_experts}")
         return pairs
-    if getattr(hf_experts, "has_bias", False) or getattr(hf_experts, "gate_up_proj_bias", None) is not None:
-        raise ValueError("HF experts with biases are not supported (divmoe experts have none)")
     if getattr(hf_experts, "is_transposed", False):  # [E, d, 2I] and [E, I, d]
         return [("experts.gate_up_proj", hf_experts.gate_up_proj, w_in),
                 ("experts.down_proj", hf_experts.down_proj, w_out)]
@@ -233,14 +287,15 @@ def _pairs(block: nn.Module, moe: MoE) -> list[tuple[str, torch.Tensor, torch.Te
     model_type = _block_model_type(block)
     fam = _FAMILIES[model_type]
     _check_semantics(block, model_type, moe)
+    _check_expert_function(block, fam)
     pairs = [("gate.weight", block.gate.weight, moe.router.gate.weight)]
     pairs += _expert_pairs(block.experts, moe)
     bias = getattr(block.gate, "e_score_correction_bias", None)
     if bias is not None:
         pairs.append(("gate.e_score_correction_bias", bias, moe.selection_bias_E))
 
-    hf_shared = getattr(block, fam.shared, None) if fam.shared else None
-    width = hf_shared.gate_proj.weight.shape[0] if hf_shared is not None else 0
+    width = _shared_width(block, fam)
+    hf_shared = getattr(block, fam.shared) if width else None
     if width and moe.shared is None:
         raise ValueError(f"HF block has a shared expert (block.{fam.shared}, width {width}) but "
                          f"moe.config.num_shared_experts=0")
