@@ -33,7 +33,7 @@ def plot_layer_load(layers: Sequence[Mapping[str, Any]]) -> Any:
         ax.bar(range(E), load, color="#4c72b0")
         ax.axhline(1.0 / E, color="red", lw=1)
         ax.set_title(f"{lay['name']} (MaxVio {lay['load']['max_vio']:.2f})", fontsize=9)
-        _expert_ticks(ax, E)
+        _expert_ticks(ax, E, axis="x")  # experts run along x here; the shares set the y axis
         ax.set_xlabel("expert", fontsize=8)
         if k % ncols == 0:
             ax.set_ylabel("share of slots")
@@ -118,6 +118,9 @@ def plot_cka(layers: Sequence[Mapping[str, Any]]) -> Any:
         ax.set_xticks(ax.get_yticks())
         ax.set_xlim(-0.5, m.shape[0] - 0.5)
         ax.set_ylim(m.shape[0] - 0.5, -0.5)
+        ax.set_xlabel("expert", fontsize=8)
+        if k % ncols == 0:
+            ax.set_ylabel("expert")
         if m.shape[0] <= 12:
             for i in range(m.shape[0]):
                 for j in range(m.shape[1]):
@@ -137,11 +140,18 @@ def plot_vendi(layers: Sequence[Mapping[str, Any]], num_experts: int) -> Any:
     if not any(v is not None for _, v in vals):
         return None
     fig, ax = plt.subplots(layout="constrained", figsize=(max(4.0, 0.9 * len(vals) + 2), 3.2))
-    ax.bar(range(len(vals)), [np.nan if v is None else v for _, v in vals], color="#55a868")
-    ax.axhline(num_experts, color="red", lw=1)
+    heights = [np.nan if v is None else v for _, v in vals]
+    ax.bar(range(len(vals)), heights, color="#55a868")
     ax.set_xticks(range(len(vals)))
     ax.set_xticklabels([n for n, _ in vals], rotation=30 if len(vals) > 6 else 0, fontsize=8)
-    ax.set_ylim(0, num_experts * 1.05)
+    ax.set_xlabel("MoE layer")
     ax.set_ylabel("Vendi score (effective experts)")
-    ax.set_title(f"Diversity of expert outputs (red: E = {num_experts})", fontsize=10)
+    top = float(np.nanmax(heights))
+    if num_experts <= 4 * top:  # the ceiling E fits without squashing the bars
+        ax.axhline(num_experts, color="red", lw=1)
+        ax.set_ylim(0, num_experts * 1.05)
+        ax.set_title(f"Diversity of expert outputs (red: E = {num_experts})", fontsize=10)
+    else:
+        ax.set_ylim(0, top * 1.25)
+        ax.set_title(f"Diversity of expert outputs (of at most E = {num_experts})", fontsize=10)
     return fig

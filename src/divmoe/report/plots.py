@@ -89,9 +89,10 @@ def _fmt_step(s: float) -> str:
     return str(s)
 
 
-def _expert_ticks(ax, n_experts: int, max_ticks: int = 16) -> None:
+def _expert_ticks(ax, n_experts: int, max_ticks: int = 16, axis: str = "y") -> None:
+    """Integer ticks on the axis that indexes experts (``y`` in heatmaps, ``x`` in bar charts)."""
     stride = max(1, math.ceil(n_experts / max_ticks))
-    ax.set_yticks(range(0, n_experts, stride))
+    (ax.set_yticks if axis == "y" else ax.set_xticks)(range(0, n_experts, stride))
 
 
 def _domain_order(rows: Sequence[Mapping[str, Any]], extra: Sequence[str] = ()) -> list[str]:
