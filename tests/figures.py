@@ -86,6 +86,12 @@ def check_inside(fig) -> None:
         assert top >= FILL, f"{name!r}: data reaches only {top:.3f} of the axes' height " \
                             f"(y limits {ax.get_ylim()})"
         assert span[0] >= FILL or len(data) == 1, f"{name!r}: data spans {span[0]:.3f} of the width"
+        for text in (ax.title, ax.xaxis.label, ax.yaxis.label):
+            box = text.get_window_extent()
+            if text.get_text():
+                assert box.x0 >= -1 and box.x1 <= fig.bbox.x1 + 1, \
+                    f"{text.get_text()!r} runs off the figure ({box.x0:.0f}..{box.x1:.0f} of " \
+                    f"{fig.bbox.x1:.0f} px)"
 
 
 def check_labels(fig, x: str | None = None, y: str | None = None,

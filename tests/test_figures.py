@@ -54,6 +54,7 @@ def test_analysis_figures(analysis, tmp_path, monkeypatch):
     check_labels(sch, x="cache size c", y="SCH (hit rate)")
     check_labels(cka, colorbar="linear CKA")
     check_labels(vendi, y="Vendi score")
+    assert [ax.get_title() for ax in routing.axes[:2]] == ["layer 0", "layer 1"]
     # the load bars: experts on x, shares on a y axis scaled to them
     for ax in load.axes:
         if ax.get_visible():

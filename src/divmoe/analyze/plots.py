@@ -64,8 +64,8 @@ def plot_srp(layers: Sequence[Mapping[str, Any]], top_k: int) -> Any:
     axes[0].set_ylabel("SRP (best F1 of a fixed set)")
     axes[0].set_title("Segment routing best performance", fontsize=10)
     axes[1].set_ylabel("share of slots covered")
-    axes[1].set_title(f"Coverage by the best {top_k} (dashed) / {2 * top_k} (dotted) experts "
-                      f"per segment", fontsize=10)
+    axes[1].set_title(f"Coverage by a segment's best {top_k} (dashed) / {2 * top_k} (dotted)",
+                      fontsize=10)
     axes[0].legend(fontsize=7)
     return fig
 

@@ -108,8 +108,8 @@ def _domain_order(rows: Sequence[Mapping[str, Any]], extra: Sequence[str] = ()) 
 
 
 def _layer_names(n: int, layers: Sequence[Any] | None) -> list[str]:
-    if layers is not None and len(layers) == n:
-        return [f"layer {x}" for x in layers]
+    if layers is not None and len(layers) == n:  # block indices, or names already ("layer 3")
+        return [x if isinstance(x, str) else f"layer {x}" for x in layers]
     return [f"MoE layer #{i}" for i in range(n)]
 
 
