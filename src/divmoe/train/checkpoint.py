@@ -180,7 +180,7 @@ def load_latest(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Op
     errors: list[CheckpointError] = []
     for ckpt in checkpoint_candidates(run_dir):
         try:
-            state = read_checkpoint(ckpt, model, optimizer)
+            state = read_checkpoint(ckpt, model, optimizer, str(Path(run_dir) / "config.yaml"))
         except CheckpointError as exc:
             errors.append(exc)
             continue
