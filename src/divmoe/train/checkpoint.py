@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..files import folder_mode, fsync_folder
+from ..files import file_mode, folder_mode, fsync_folder
 from .run_folder import RunError
 
 CHECKPOINT = "checkpoint"
@@ -68,6 +68,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, state: dict) -> Path:
             torch.save(state, tmp / STATE)
             manifest = {}
             for name in (WEIGHTS, STATE):
+                os.chmod(tmp / name, file_mode())  # safetensors writes its file private
                 with open(tmp / name, "rb") as fh:
                     os.fsync(fh.fileno())
                 manifest[name] = {"bytes": (tmp / name).stat().st_size,
