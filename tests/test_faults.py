@@ -25,7 +25,7 @@ from test_train import TINY, read_metrics, strip_timing
 
 CHILD = Path(__file__).with_name("fault_child.py")
 RUN = TINY + ["train.steps=24", "train.eval_every=4"]         # 7 evaluations and checkpoints
-LONG = TINY + ["train.steps=120", "train.eval_every=4"]       # 31
+LONG = TINY + ["train.steps=300", "train.eval_every=4"]       # 76: work left after 30 kills
 
 
 def set_args(overrides):
@@ -76,7 +76,7 @@ def kill_and_resume(run: Path, overrides, plan, rng):
         resumes += (run / "config.yaml").exists()
         if phase == "time":
             proc = child(run, overrides)
-            delay = rng.uniform(0.3, 6.0)
+            delay = rng.uniform(0.3, 4.0)  # from import (~2.5 s) to ~30 steps of training
             try:
                 proc.wait(timeout=delay)
             except subprocess.TimeoutExpired:
