@@ -12,7 +12,7 @@ from divmoe.config import ConfigError
 import divmoe.dispatch.grouped as dispatch_grouped
 from divmoe.layer import MoE, MoEConfig
 from divmoe.routing import ROUTERS
-from divmoe.routing.expert_choice import expert_capacity
+from divmoe.balance import tokens_per_expert_choice
 from divmoe.routing.hash import hash_keys
 from divmoe.routing.null_experts import null_usage_loss
 from divmoe.routing.sinkhorn import sinkhorn_log
@@ -124,7 +124,7 @@ def test_expert_choice_each_expert_takes_exactly_C(T, E, k, cf):
     moe = MoE(6, router="expert_choice", num_experts=E, top_k=k, capacity_factor=cf)
     x = torch.randn(T, 6)
     plan = moe.router(x)
-    C = expert_capacity(T, E, k, cf)
+    C = tokens_per_expert_choice(T, E, k, cf)
     assert C == max(1, min(T, round(cf * T * k / E)))
     assert plan.tokens_per_expert().tolist() == [C] * E
     ids = plan.expert_ids_TK

@@ -82,8 +82,13 @@ def _cmd_config(args) -> int:
     if args.show_resolved:
         print(dump_yaml(load_config(args.config, args.set)), end="")
         return 0
+    from .registry import components, readers
+
+    rows = components()
     for key, default, allowed, help_ in describe(RunConfig):
-        print(f"{key:28s} {str(default):22s} {allowed:40s} {help_}")
+        read_by = readers(key[len("moe."):], rows) if key.startswith("moe.") else []
+        who = f" [read by: {', '.join(read_by)}]" if read_by else ""
+        print(f"{key:28s} {str(default):22s} {allowed:40s} {help_}{who}")
     return 0
 
 

@@ -62,11 +62,17 @@ class HeteroSwiGLU(nn.Module):
     def expert_sizes(self) -> list[int]:
         return [3 * self.d_model * h for h in self.widths]
 
+    def base_params(self) -> int:
+        return 0  # nothing shared between experts
+
     def expert(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` on its tokens: the plain form the reference path uses."""
         b, j = self.bucket_of[e], self.local_of[e]
         gate, up = (x_ND @ self.w_in[b][j]).chunk(2, dim=-1)
         return (F.silu(gate) * up) @ self.w_out[b][j]
+
+    def row_order(self) -> torch.Tensor:
+        return self.row_position_E
 
     def buckets(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(w_in, w_out) per width bucket; rows arrive ordered by :attr:`row_position_E`."""

@@ -56,7 +56,7 @@ class LoRASwiGLU(nn.Module):
 
     @classmethod
     def from_dense(cls, dense: nn.Module, num_experts: int, rank: int) -> "LoRASwiGLU":
-        """Experts over a copy of a dense :class:`divmoe.layer.SwiGLU` (``w_in``: Linear(d, 2H),
+        """Experts over a copy of a dense :class:`divmoe.experts.SwiGLU` (``w_in``: Linear(d, 2H),
         ``w_out``: Linear(H, d)); the copy is frozen, ``dense`` itself is left untouched."""
         w_in, w_out = dense.w_in.weight, dense.w_out.weight   # [2H, d], [d, H]
         hidden, d_model = w_out.shape[1], w_out.shape[0]
