@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     # Bad settings and bad files are the user's to fix: one line naming what was wrong,
     # not a traceback. ConfigError is a ValueError.
     args = build_parser().parse_args(argv)
+    args.cli_argv = list(sys.argv[1:] if argv is None else argv)  # what reports quote as the command
     try:
         return args.func(args)
     except Exception as exc:

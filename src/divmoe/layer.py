@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from .balance import PLAN_TRANSFORMS, Balancer
+from .balance.loss_free import max_vio
 from .config import validate
-from .diagnostics.load import max_vio_tensor
 from .dispatch import execution_for
 from .diversity.regularizers import DiversityRegularizers
 from .experts import EXPERT_LAYOUTS, SwiGLU
@@ -190,7 +190,7 @@ class MoE(nn.Module):
             tokens_per_expert=counts_E,
             mean_prob=plan.probs_TE.detach().float().mean(0) if T else
             torch.zeros(plan.num_experts, device=ids_TK.device),
-            max_vio=max_vio_tensor(counts_E),
+            max_vio=max_vio(counts_E),
             dropped_slots=plan.dropped_slots,
             num_tokens=T,
             losses=losses,

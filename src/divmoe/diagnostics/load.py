@@ -6,17 +6,12 @@ import math
 
 import torch
 
-
-def max_vio_tensor(load_E: torch.Tensor) -> torch.Tensor:
-    """MaxVio as a 0-dim float64 tensor, without a host read (0 when nothing was routed)."""
-    load_E = load_E.double()
-    mean = load_E.mean()
-    return torch.where(mean > 0, (load_E.max() - mean) / mean.clamp_min(1e-300),
-                       torch.zeros_like(mean))
+from ..balance.loss_free import max_vio as max_vio_tensor
 
 
 def max_vio(load_E: torch.Tensor) -> float:
-    """MaxVio (Loss-Free Balancing paper): (max_i load_i − mean load) / mean load. 0 = balanced."""
+    """MaxVio (Loss-Free Balancing paper): (max_i load_i − mean load) / mean load. 0 = balanced.
+    A float; the layer's stats keep the tensor (:func:`divmoe.balance.loss_free.max_vio`)."""
     return float(max_vio_tensor(torch.as_tensor(load_E)))
 
 

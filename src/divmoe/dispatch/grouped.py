@@ -36,6 +36,11 @@ from .routed_swiglu import Chunk, routed_swiglu
 CPU_CHUNK_BYTES = 8 << 20
 
 
+# torch.compile runs this function eagerly, as one opaque step between compiled graphs: its
+# row counts are data-dependent (the layer's one host read), its fused node keeps Python
+# chunk lists across forward and backward, and ``torch._grouped_mm`` has no float32 meta
+# kernel to trace with. One graph break per MoE layer call; docs/architecture.md lists it.
+@torch.compiler.disable(reason="dropless dispatch: data-dependent row counts")
 def dispatch_combine(x_TD: torch.Tensor, plan: RoutingPlan, experts,
                      recompute_hidden: bool = False) -> torch.Tensor:
     """out_TD: every token's routed experts, weighted by the plan. ``recompute_hidden``: the
