@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..config import ConfigError
+from ..config import ConfigError, check_per_expert
 from ..routing.null_experts import null_usage_loss
 from .aux_scope import SCOPES as AUX_LOSS_SCOPES
 from .capacity import OVERFLOW as CAPACITY_OVERFLOW
@@ -40,16 +40,7 @@ class BalanceTerm:
 
 
 def _check_dirichlet(cfg, prefix: str) -> None:
-    alphas = cfg.dirichlet_alpha_per_expert
-    if alphas is None:
-        return
-    if len(alphas) != cfg.num_experts:
-        raise ConfigError(f"{prefix}dirichlet_alpha_per_expert={alphas} is not allowed: needs "
-                          f"one value per expert, {prefix}num_experts={cfg.num_experts}, got "
-                          f"{len(alphas)}")
-    if min(alphas) <= 0:
-        raise ConfigError(f"{prefix}dirichlet_alpha_per_expert={alphas} is not allowed: every "
-                          f"concentration must be > 0")
+    check_per_expert(cfg, "dirichlet_alpha_per_expert", prefix, 0, True, "concentration")
 
 
 def _check_null_usage(cfg, prefix: str) -> None:

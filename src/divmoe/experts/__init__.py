@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..config import ConfigError
+from ..config import ConfigError, check_per_expert
 from .accounting import activated_params
 from .dense import SwiGLU
 from .hetero import HeteroSwiGLU
@@ -46,15 +46,7 @@ def _build_swiglu(d_model: int, cfg) -> ExpertLayout:
 
 
 def _check_swiglu(cfg, prefix: str) -> None:
-    widths = cfg.expert_widths
-    if widths is None:
-        return
-    if len(widths) != cfg.num_experts:
-        raise ConfigError(f"{prefix}expert_widths={widths} is not allowed: needs one width per "
-                          f"expert, {prefix}num_experts={cfg.num_experts}, got {len(widths)}")
-    if min(widths) < 1:
-        raise ConfigError(f"{prefix}expert_widths={widths} is not allowed: every width must be "
-                          f"an int >= 1")
+    check_per_expert(cfg, "expert_widths", prefix, 1, False, "width")
 
 
 def _build_lora(d_model: int, cfg) -> ExpertLayout:

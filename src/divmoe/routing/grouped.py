@@ -15,7 +15,7 @@ import torch
 from ..config import ConfigError
 from ._common import finish_weights, jittered, linear_gate
 from .plan import RoutingPlan
-from .router import Router
+from .router import Router, check_groups_divide_experts
 
 
 class GroupedRouter(Router):
@@ -25,9 +25,7 @@ class GroupedRouter(Router):
     @classmethod
     def check_settings(cls, cfg, prefix: str = "") -> None:
         p = prefix
-        if cfg.num_experts % cfg.n_groups:
-            raise ConfigError(f"{p}n_groups={cfg.n_groups} is not allowed: must divide "
-                              f"{p}num_experts={cfg.num_experts}")
+        check_groups_divide_experts(cfg, p)
         if cfg.top_k % cfg.n_groups:
             raise ConfigError(f"{p}top_k={cfg.top_k} is not allowed with {p}router='grouped': "
                               f"must be divisible by {p}n_groups={cfg.n_groups} (every group "

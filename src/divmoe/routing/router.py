@@ -55,3 +55,10 @@ class Router(nn.Module):
     def experts_per_token(self) -> int:
         """Experts whose parameters one token touches at most (for activated-parameter counts)."""
         return self.top_k
+
+
+def check_groups_divide_experts(cfg, prefix: str) -> None:
+    """Expert groups (group-limited top-k, MoGE) split the experts evenly."""
+    if cfg.num_experts % cfg.n_groups:
+        raise ConfigError(f"{prefix}n_groups={cfg.n_groups} is not allowed: must divide "
+                          f"{prefix}num_experts={cfg.num_experts}")

@@ -6,7 +6,7 @@ import torch
 from ..config import ConfigError
 from ._common import finish_weights, jittered, linear_gate
 from .plan import RoutingPlan
-from .router import Router
+from .router import Router, check_groups_divide_experts
 
 
 class TopKRouter(Router):
@@ -33,9 +33,7 @@ class TopKRouter(Router):
     @classmethod
     def check_settings(cls, cfg, prefix: str = "") -> None:
         p = prefix
-        if cfg.num_experts % cfg.n_groups:
-            raise ConfigError(f"{p}n_groups={cfg.n_groups} is not allowed: must divide "
-                              f"{p}num_experts={cfg.num_experts}")
+        check_groups_divide_experts(cfg, p)
         if cfg.topk_groups > cfg.n_groups:
             raise ConfigError(f"{p}topk_groups={cfg.topk_groups} is not allowed: must be <= "
                               f"{p}n_groups={cfg.n_groups}")
