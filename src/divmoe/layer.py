@@ -67,9 +67,15 @@ class MoE(nn.Module):
     :class:`MoEOutput` ``(output, aux_loss, stats)``. In training, call :meth:`begin_step`
     before an optimizer step's first micro-batch and :meth:`update_balancers` after the
     optimizer step (``MoETransformer`` forwards both to every layer).
+
+    ``process_group``: shard the experts over the ranks of this torch.distributed group
+    (expert parallelism, :mod:`divmoe.parallel`). Every rank builds the full layer from the
+    same seed and keeps experts [r·E/W, (r+1)·E/W), so initialisation equals the
+    single-process layer's; the router, shared experts and balance state are replicated.
     """
 
-    def __init__(self, d_model: int, config: MoEConfig | None = None, **overrides):
+    def __init__(self, d_model: int, config: MoEConfig | None = None, process_group=None,
+                 **overrides):
         super().__init__()
         if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
             raise ValueError(f"MoE d_model={d_model!r} is not allowed: expected an int >= 1")
@@ -82,18 +88,21 @@ class MoE(nn.Module):
         self.transforms = [PLAN_TRANSFORMS[name](c) for name in c.balance
                            if name in PLAN_TRANSFORMS]
         self.experts = EXPERT_LAYOUTS[c.expert_layout].build(d_model, c)
+        expert_sizes = self.experts.expert_sizes()  # all E experts, also when sharded
         self.execute = execution_for(c, router_cls)
+        if process_group is not None:
+            self.experts, self.execute = _shard(self.experts, self.execute, c, process_group)
         shared_hidden = c.shared_expert_hidden or c.num_shared_experts * c.expert_hidden
         self.shared = SwiGLU(d_model, shared_hidden) if c.num_shared_experts else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False) \
             if c.num_shared_experts and c.shared_expert_gate else None
-        self.balancer = Balancer(c, self.experts.expert_sizes())
+        self.balancer = Balancer(c, expert_sizes)
         self.diversity = DiversityRegularizers(c)
         # Parameter accounting, counted once: what every token touches besides its experts.
         self._fixed_params = sum(p.numel() for m in (self.router, self.shared, self.shared_gate)
                                  if m is not None for p in m.parameters())
         self.register_buffer("_expert_sizes_E",
-                             torch.tensor(self.experts.expert_sizes(), dtype=torch.int64),
+                             torch.tensor(expert_sizes, dtype=torch.int64),
                              persistent=False)
         # The loss-free bias lives in the Balancer; its checkpoint key stays `selection_bias_E`.
         self.register_state_dict_post_hook(_bias_key_out)
@@ -115,10 +124,9 @@ class MoE(nn.Module):
         """Parameters a token touches: router + k routed experts + shared experts (+ the frozen
         base of LoRA experts). Unequal experts (HMoE) count at their mean size, the expectation
         under uniform routing; ``RoutingStats.activated_params_mean`` measures the real value."""
-        sizes = self.experts.expert_sizes()
+        mean_size = float(self._expert_sizes_E.double().mean())
         k = self.router.experts_per_token()
-        return int(round(self._fixed_params + self.experts.base_params()
-                         + k * sum(sizes) / len(sizes)))
+        return int(round(self._fixed_params + self.experts.base_params() + k * mean_size))
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> MoEOutput:
         """``token_ids`` (shape ``x.shape[:-1]``) is needed only by routers that route on ids."""
@@ -201,6 +209,19 @@ class MoE(nn.Module):
             activated_params_T=act_T,
             null_slots=plan.num_null_slots,
         )
+
+
+def _shard(experts, execute, cfg, group):
+    """This rank's experts and the expert-parallel execution around the local one."""
+    import torch.distributed as dist
+
+    from .parallel import ExpertParallel, check_expert_parallel
+
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    check_expert_parallel(cfg, world)
+    per_rank = cfg.num_experts // world
+    local = experts.select(list(range(rank * per_rank, (rank + 1) * per_rank)))
+    return local, ExpertParallel(group, cfg.num_experts, execute)
 
 
 def check_finite(x: torch.Tensor) -> None:

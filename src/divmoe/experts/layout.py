@@ -30,6 +30,10 @@ class ExpertLayout(Protocol):
     def base_params(self) -> int:
         """Parameters shared by every expert and touched by any routed token (0 if none)."""
 
+    def select(self, expert_ids: list[int]) -> "ExpertLayout":
+        """A new layout of these experts only (copies of their weights, in this order): an
+        expert-parallel rank's shard."""
+
 
 @runtime_checkable
 class BucketedSwiGLU(ExpertLayout, Protocol):

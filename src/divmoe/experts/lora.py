@@ -69,6 +69,16 @@ class LoRASwiGLU(nn.Module):
             self.w_out_HD.copy_(w_out.t())
         return self
 
+    @torch.no_grad()
+    def select(self, expert_ids: list[int]) -> "LoRASwiGLU":
+        out = LoRASwiGLU(len(expert_ids), self.d_model, self.hidden, self.rank)
+        out = out.to(device=self.w_in_DH2.device, dtype=self.w_in_DH2.dtype)
+        out.w_in_DH2.copy_(self.w_in_DH2)
+        out.w_out_HD.copy_(self.w_out_HD)
+        for name in ("a_in_EDR", "b_in_ERH2", "a_out_EHR", "b_out_ERD"):
+            getattr(out, name).copy_(getattr(self, name)[expert_ids])
+        return out
+
     def base_params(self) -> int:
         """Parameters of the frozen base, touched by every token routed to any expert."""
         return 3 * self.d_model * self.hidden

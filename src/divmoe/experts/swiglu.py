@@ -44,6 +44,14 @@ class StackedSwiGLU(nn.Module):
         gate, up = (x_ND @ self.w_in_EDH2[e]).chunk(2, dim=-1)
         return (F.silu(gate) * up) @ self.w_out_EHD[e]
 
+    @torch.no_grad()
+    def select(self, expert_ids: list[int]) -> "StackedSwiGLU":
+        out = StackedSwiGLU(len(expert_ids), self.d_model, self.hidden)
+        out = out.to(device=self.w_in_EDH2.device, dtype=self.w_in_EDH2.dtype)
+        out.w_in_EDH2.copy_(self.w_in_EDH2[expert_ids])
+        out.w_out_EHD.copy_(self.w_out_EHD[expert_ids])
+        return out
+
     def row_order(self) -> None:
         return None  # rows are ordered by expert id
 
