@@ -151,3 +151,46 @@ def test_refused_settings_name_the_setting():
         check_expert_parallel(MoEConfig(router="soft_merge"), 2)
     with pytest.raises(ConfigError, match="diversity"):
         check_expert_parallel(MoEConfig(diversity=["exclusivity"]), 2)
+
+
+def _balance_layer(group=None):
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=8, expert_hidden=6, top_k=2, aux_loss_scope="global_batch",
+                    balance=["aux_loss", "loss_free_bias"], bias_update_rate=0.1)
+    return MoE(D, cfg, process_group=group).double()
+
+
+def _balance_worker(rank, world, T, out_dir):
+    moe = _balance_layer(dist.group.WORLD)
+    x_all, _ = _inputs(T)
+    per = T // world
+    micro = [x_all[:T // 2], x_all[T // 2:]]  # two micro-batches, each split over the ranks
+    moe.begin_step()
+    losses = []
+    for mb in micro:
+        n = mb.shape[0] // world
+        out = moe(mb[rank * n:(rank + 1) * n])
+        losses.append(out.stats.losses["aux_loss"])
+    moe.update_balancers()
+    torch.save({"aux": losses, "bias": moe.selection_bias_E.clone(), "per": per},
+               os.path.join(out_dir, f"{rank}.pt"))
+
+
+def test_balance_state_is_global_across_ranks(tmp_path):
+    """The Balancer's one reduction: global-batch counts and the loss-free bias's loads are
+    summed over ranks, so the bias moves identically everywhere and equals the single-process
+    bias, and the mean of the ranks' global-batch aux losses is the whole batch's."""
+    world, T = 2, 24
+    run_ranks(_balance_worker, world, T, str(tmp_path))
+    res = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
+    ref = _balance_layer()
+    x_all, _ = _inputs(T)
+    ref.begin_step()
+    ref_aux = [ref(mb).stats.losses["aux_loss"] for mb in (x_all[:T // 2], x_all[T // 2:])]
+    ref.update_balancers()
+    for rr in res:
+        torch.testing.assert_close(rr["bias"], ref.selection_bias_E, rtol=0, atol=0)
+    assert float(ref.selection_bias_E.abs().sum()) > 0  # the bias did move
+    for j in range(2):  # f from the step's counts so far on all ranks, P per rank: mean = whole
+        mean_aux = sum(rr["aux"][j] for rr in res) / world
+        torch.testing.assert_close(mean_aux.double(), ref_aux[j].double(), rtol=1e-6, atol=1e-7)
