@@ -30,6 +30,7 @@ from ..diagnostics import expert_output_vendi
 from ..experts import every_expert
 from ..files import atomic_write_text, check_output_folder
 from ..models import MoETransformer
+from ..routing.plan import count_per_expert
 from .checkpoint import checkpoint_candidates, load_latest, save_checkpoint
 from .config import RunConfig, load_config
 from .run_folder import RunError, locked_run
@@ -110,7 +111,7 @@ def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: in
             loss_sum[d] += float(out.loss) * chunk[:, 1:].numel()
             tokens[d] += chunk[:, 1:].numel()
             for li, s in enumerate(out.stats):
-                counts_LED[li, :, di] += s.tokens_per_expert.long()
+                counts_LED[li, :, di] += count_per_expert(s.expert_ids, E)  # chosen experts
                 vio_sum[li] += float(s.max_vio)
                 act_sum[li] += float(s.activated_params_mean) * s.num_tokens
                 act_tokens[li] += s.num_tokens
