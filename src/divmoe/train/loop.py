@@ -1,4 +1,4 @@
-"""`divmoe train`: train the small MoE LM on the embedded corpus, evaluate, checkpoint, report.
+"""`divmoe train`: train the small MoE LM on the embedded (or the user's) corpus, evaluate, checkpoint, report.
 
 A run folder holds ``config.yaml``, ``metrics.jsonl`` (one row per evaluation),
 ``routing.json`` (expert × domain routing counts of the latest evaluation),
@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, dump_yaml, to_dict
-from ..data.corpus import domains, load_corpus
+from ..data.dynamic_mix import DynamicMixer
 from ..data.mixture import MixtureSampler, unigram_entropy_bits, validation_set
+from ..data.user_corpus import load_splits
 from ..models import MoETransformer
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig, load_config
@@ -218,13 +219,15 @@ def train(out: str | Path, config: RunConfig | None = None, resume: bool = False
     torch.manual_seed(cfg.train.seed)
     model = MoETransformer(cfg.model, cfg.moe)
     optimizer = build_optimizer(model, cfg)
-    train_docs, val_docs = load_corpus("train"), load_corpus("val")
-    unknown = sorted(set(cfg.data.weights or {}) - set(domains()))
+    train_docs, val_docs = load_splits(cfg.data.corpus, cfg.model.seq_len, cfg.data.val_fraction)
+    names = sorted({d.domain for d in train_docs})
+    unknown = sorted(set(cfg.data.weights or {}) - set(names))
     if unknown:
         raise ConfigError(f"data.weights has unknown domain {unknown[0]!r}; "
-                          f"allowed domains: {', '.join(domains())}")
+                          f"allowed domains: {', '.join(names)}")
     sampler = MixtureSampler(train_docs, cfg.model.seq_len, seed=cfg.train.seed,
                              weights=cfg.data.weights, temperature=cfg.data.temperature)
+    mixer = DynamicMixer(sampler, cfg.data) if cfg.data.mixing == "dynamic" else None
     val = validation_set(val_docs, cfg.model.seq_len, cfg.data.val_bytes_per_domain)
 
     metrics_path = run_dir / "metrics.jsonl"
@@ -239,6 +242,8 @@ def train(out: str | Path, config: RunConfig | None = None, resume: bool = False
             metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
         metrics = [r for r in metrics if r["step"] <= state["step"]]
         _rewrite_metrics(metrics_path, metrics)
+        if "mix_weights" in state:
+            sampler.set_weights(state["mix_weights"])
     elif metrics_path.exists():
         metrics_path.unlink()
 
@@ -261,7 +266,8 @@ def train(out: str | Path, config: RunConfig | None = None, resume: bool = False
                "train_loss": state["loss_sum"] / state["loss_count"] if state["loss_count"] else None,
                **ev.row,
                "tokens_per_s": state["tokens_seen"] / state["train_time"] if state["train_time"] else None,
-               "elapsed_s": state["elapsed"], "lr": lr_at(max(state["step"] - 1, 0), cfg)}
+               "elapsed_s": state["elapsed"], "lr": lr_at(max(state["step"] - 1, 0), cfg),
+               "mix_weights": dict(sampler.weights)}
         metrics.append(row)
         with open(metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -313,6 +319,8 @@ def train(out: str | Path, config: RunConfig | None = None, resume: bool = False
             state["loss_count"] += 1
             state["tokens_seen"] += step_tokens
             state["train_time"] += time.perf_counter() - t0
+            if mixer is not None and state["step"] % cfg.data.mix_every == 0:
+                state["mix_weights"] = mixer.update(model)
             state["elapsed"] = time.perf_counter() - t_start
             bar.update(1)
             bar.set_postfix(loss=f"{state['loss_sum'] / state['loss_count']:.3f}", refresh=False)
