@@ -187,9 +187,9 @@ class TrainResult:
 
 
 def train(out: str | Path, config: RunConfig | None = None, resume: bool = False,
-          progress: bool = True, stop_after: int | None = None) -> TrainResult:
+          progress: bool = True, stop_after: int | None = None, report: bool = True) -> TrainResult:
     """Train (or resume) a run in ``out``. ``stop_after`` ends the run early at that step as if
-    interrupted (used to test resuming)."""
+    interrupted (used to test resuming); ``report=False`` skips report.html (proxy runs)."""
     run_dir = Path(out)
     ckpt_path = find_checkpoint(run_dir) if run_dir.exists() else None
     if resume:
@@ -342,6 +342,7 @@ def train(out: str | Path, config: RunConfig | None = None, resume: bool = False
             print(f"interrupted at step {state['step']}; continue with --resume", file=sys.stderr)
     state["elapsed"] = time.perf_counter() - t_start
     write_summary(interrupted)
-    from ..report import write_report
-    write_report(run_dir)
+    if report:
+        from ..report import write_report
+        write_report(run_dir)
     return TrainResult(run_dir, metrics, interrupted)

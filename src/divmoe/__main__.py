@@ -1,0 +1,6 @@
+"""``python -m divmoe`` = the ``divmoe`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
