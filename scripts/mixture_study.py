@@ -15,7 +15,7 @@ single-thread runs at a time, and starts nothing new after ``--budget`` seconds;
 again (under the machine's lock) until it prints "complete". Then it writes
 ``OUT/summary.md`` and ``OUT/results.json``.
 
-    flock /tmp/divmoe-heavy.lock python scripts/mixture_study.py --out runs/mixtures --budget 540
+    flock /tmp/divmoe-heavy.lock python scripts/mixture_study.py --out runs/mixtures --budget 420
 """
 from __future__ import annotations
 
@@ -91,9 +91,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--randoms", type=int, default=4)
-    ap.add_argument("--proxies", type=int, default=48)
+    ap.add_argument("--proxies", type=int, default=24)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--budget", type=float, default=540, help="start nothing new after SECONDS")
+    ap.add_argument("--budget", type=float, default=420, help="start nothing new after SECONDS")
     ap.add_argument("--set", action="append", default=[], help="extra settings for every run "
                                                                "(a quick check: train.steps=20)")
     ap.add_argument("--proxy-set", action="append", default=[])
