@@ -153,10 +153,11 @@ def load_user_corpus(path: str | Path, seq_len: int, val_fraction: float = 0.05)
                           f"allowed: a folder, a .yaml/.yml file of domain: glob, or a .jsonl file")
     need = seq_len + 1
     out = {"train": [], "val": []}
+    empty = [d for d in sorted(by_domain) if not by_domain[d]]
+    if empty:
+        raise CorpusError(f"data.corpus: domain {empty[0]!r} is empty (no non-empty documents)")
     for domain in sorted(by_domain):
         docs = sorted(by_domain[domain], key=lambda d: d.id)
-        if not docs:
-            raise CorpusError(f"data.corpus: domain {domain!r} is empty (no non-empty documents)")
         ids = [d.id for d in docs]
         if len(set(ids)) != len(ids):
             dup = next(i for i in ids if ids.count(i) > 1)
@@ -170,7 +171,7 @@ def load_user_corpus(path: str | Path, seq_len: int, val_fraction: float = 0.05)
                 f"data.corpus: domain {domain!r} is too small for its validation share: {total} "
                 f"bytes in {len(docs)} document(s) split into {sizes['train']} train / "
                 f"{sizes['val']} validation bytes; each part needs at least seq_len + 1 = {need} "
-                f"bytes (add documents, or raise data.val_fraction={val_fraction})")
+                f"bytes (add documents, or change data.val_fraction={val_fraction})")
         out["train"] += train
         out["val"] += val
     return out
