@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--randoms", type=int, default=4)
+    ap.add_argument("--randoms", type=int, default=3)
     ap.add_argument("--proxies", type=int, default=24)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--budget", type=float, default=420, help="start nothing new after SECONDS")
