@@ -93,6 +93,9 @@ def test_dynamic_run_logs_weights_and_resumes_exactly(tmp_path):
     assert resumed.metrics[-1]["val_bpb"] == full.metrics[-1]["val_bpb"]
     static = train(tmp_path / "c", load_config(None, TINY), progress=False, report=False)
     assert static.metrics[0]["mix_weights"] == static.metrics[-1]["mix_weights"]
+    with pytest.raises(ValueError, match="dense model"):
+        train(tmp_path / "d", load_config(None, TINY + ["data.mixing=dynamic", "model.moe=false"]),
+              progress=False, report=False)
 
 
 # ----------------------------------------------------------------------------- RegMix

@@ -87,7 +87,10 @@ class DynamicMixer:
 
     PROBE_WINDOWS = 8
 
-    def __init__(self, sampler, data_cfg):
+    def __init__(self, sampler, data_cfg, model):
+        if not model.moe_layers:
+            raise ValueError("data.mixing=dynamic is not allowed for a dense model (model.moe=false): "
+                             "it re-weights from expert routing; use data.mixing=static")
         self.sampler = sampler
         self.eta, self.smoothing = data_cfg.mix_eta, data_cfg.mix_smoothing
         self.probes = sampler.probe_windows(self.PROBE_WINDOWS)

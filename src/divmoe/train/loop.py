@@ -227,7 +227,7 @@ def train(out: str | Path, config: RunConfig | None = None, resume: bool = False
                           f"allowed domains: {', '.join(names)}")
     sampler = MixtureSampler(train_docs, cfg.model.seq_len, seed=cfg.train.seed,
                              weights=cfg.data.weights, temperature=cfg.data.temperature)
-    mixer = DynamicMixer(sampler, cfg.data) if cfg.data.mixing == "dynamic" else None
+    mixer = DynamicMixer(sampler, cfg.data, model) if cfg.data.mixing == "dynamic" else None
     val = validation_set(val_docs, cfg.model.seq_len, cfg.data.val_bytes_per_domain)
 
     metrics_path = run_dir / "metrics.jsonl"
