@@ -97,6 +97,8 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], help="extra settings for every run "
                                                                "(a quick check: train.steps=20)")
     ap.add_argument("--proxy-set", action="append", default=[])
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing; tabulate the runs finished so far (seeds may differ per arm)")
     args = ap.parse_args(argv)
     t0 = time.time()
     deadline = t0 + args.budget
@@ -108,7 +110,8 @@ def main(argv=None) -> int:
 
     # 1. the search (cheap; its proxies run first so the regmix arm can start)
     res = run_search(args.out / "search", proxies=args.proxies, workers=args.workers, base=base,
-                     proxy_set=args.proxy_set, seed=0, time_budget=max(1.0, deadline - time.time()))
+                     proxy_set=args.proxy_set, seed=0,
+                     time_budget=0.0 if args.report_only else max(1.0, deadline - time.time()))
     if not res["complete"]:
         print(f"search: {res['finished']}/{res['proxies']} proxies; run again", flush=True)
         return 3
@@ -121,36 +124,49 @@ def main(argv=None) -> int:
     def job(arm, seed):
         return base + FULL + arms[arm] + [f"train.seed={seed}"]
 
+    def done(name):  # finished: summary.json written by a run that was not interrupted
+        try:
+            return not json.loads((runs / name / "summary.json").read_text())["interrupted"]
+        except OSError:
+            return False
+
     first = {f"{a}-s0": job(a, 0) for a in arms}
-    status = _run_batch(runs, first, args.workers, deadline)
-    if "skipped" in status.values():
-        print("not complete: run again", flush=True)
-        return 3
-    rand_avg = {f"random{i}": _final(runs / f"random{i}-s0")["avg"] for i in range(args.randoms)}
-    best = min(rand_avg, key=rand_avg.get)
-    arms["bestrandom"] = arms[best]
+    if not args.report_only:
+        status = _run_batch(runs, first, args.workers, deadline)
+        if "skipped" in status.values():
+            print("not complete: run again", flush=True)
+            return 3
+    finished_randoms = [f"random{i}" for i in range(args.randoms) if done(f"random{i}-s0")]
+    rand_avg = {r: _final(runs / f"{r}-s0")["avg"] for r in finished_randoms}
+    best = min(rand_avg, key=rand_avg.get) if rand_avg else None
+    if best is not None:
+        arms["bestrandom"] = arms[best]
     later = {f"{a}-s{s}": job(a, s) for s in range(1, args.seeds)
              for a in arms if not a.startswith("random")}
-    status = _run_batch(runs, later, args.workers, deadline)
-    if "skipped" in status.values():
-        print("not complete: run again", flush=True)
-        return 3
+    if not args.report_only:
+        status = _run_batch(runs, later, args.workers, deadline)
+        if "skipped" in status.values():
+            print("not complete: run again", flush=True)
+            return 3
 
     # 3. the table
     def seeds_of(arm):
         if arm == "bestrandom":
-            return [runs / f"{best}-s0"] + [runs / f"bestrandom-s{s}" for s in range(1, args.seeds)]
-        return [runs / f"{arm}-s{s}" for s in range(args.seeds)]
+            names = [f"{best}-s0"] + [f"bestrandom-s{s}" for s in range(1, args.seeds)]
+        else:
+            names = [f"{arm}-s{s}" for s in range(args.seeds)]
+        return [runs / n for n in names if done(n)]
 
     table, full_wall, params_active = {}, [], None
     for arm in ["regmix", "proportional", "temp0.5", "uniform", "dynamic", "bestrandom"]:
+        if arm not in arms or not seeds_of(arm):
+            continue
         finals = [_final(r) for r in seeds_of(arm)]
         full_wall += [f["wall_time_s"] for f in finals]
         params_active = finals[0]["params_active"]
         table[arm] = {"avg": _ci([f["avg"] for f in finals]),
                       "by_domain": {d: _ci([f["by_domain"][d] for f in finals]) for d in domains},
-                      "seeds": [f["avg"] for f in finals]}
-    full_tokens = 400 * 32 * 128
+                      "seeds": [f["avg"] for f in finals], "n": len(finals)}
     from divmoe.train import load_config
     cfg = load_config(None, job("proportional", 0))
     full_tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.model.seq_len
@@ -169,7 +185,8 @@ def main(argv=None) -> int:
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "summary.md").write_text(_markdown(results))
     print((args.out / "summary.md").read_text())
-    print("complete")
+    if not args.report_only:
+        print("complete")
     return 0
 
 
@@ -182,7 +199,8 @@ def _markdown(r: dict) -> str:
         cells = [f"{row['by_domain'][d][0]:.3f} ± {row['by_domain'][d][1]:.3f}" for d in doms]
         lines.append(f"| {arm} | **{m:.4f} ± {h:.4f}** | " + " | ".join(cells) + " |")
     c = r["compute"]
-    lines += ["", f"Mean ± 95% t-interval half-width over {r['seeds']} seeds. avg = mean of the "
+    lines += ["", f"Mean ± 95% t-interval half-width over the seeds each arm has (n: "
+              + ", ".join(f"{a} {row['n']}" for a, row in r["table"].items()) + "). avg = mean of the "
               f"per-domain validation bpb. bestrandom = {r['best_random']} (seed-0 averages: "
               + ", ".join(f"{k} {v:.4f}" for k, v in r["random_seed0_avg"].items()) + ").", "",
               f"Search: {r['search']['proxies']} proxies, regressor {r['regressor']} ("
