@@ -2,7 +2,7 @@
 (docs/benchmarks.md, "Training tokens/s"). Run under `flock /tmp/divmoe-heavy.lock`."""
 import torch
 from torch.profiler import profile, ProfilerActivity, record_function
-from divmoe.bench.train import train_step
+from divmoe.bench.train import timed_step
 from divmoe.bench.measure import _RouterRange
 from divmoe.models import MoETransformer
 from divmoe.train import load_config
@@ -16,10 +16,10 @@ for moe in (True, False):
     m = MoETransformer(cfg.model, cfg.moe); opt = build_optimizer(m, cfg)
     hooks = [_RouterRange(b.mlp.router) for b in m.blocks if b.is_moe]
     for _ in range(2):
-        train_step(m, opt, tokens, 1.0)
+        timed_step(m, opt, tokens, 1.0)
     with profile(activities=[ProfilerActivity.CPU]) as p:
         for _ in range(3):
-            train_step(m, opt, tokens, 1.0)
+            timed_step(m, opt, tokens, 1.0)
     print("=== moe" if moe else "=== dense")
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=22))
     ka = {e.key: e for e in p.key_averages()}

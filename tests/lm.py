@@ -2,19 +2,15 @@
 
 import torch
 
+from divmoe.train import train_step
+
 
 def train_steps(model, tokens, steps=2, lr=1e-2):
-    """Runs ``steps`` AdamW steps on ``tokens`` [B, S+1]; returns (loss, stats) of each step."""
+    """Runs ``steps`` AdamW steps of :func:`divmoe.train.train_step` on ``tokens`` [B, S+1];
+    returns (loss, stats) of each step."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    vocab = model.config.vocab_size
     out = []
     for _ in range(steps):
-        logits, aux, stats = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab),
-                                                 tokens[:, 1:].reshape(-1))
-        opt.zero_grad()
-        (loss + aux).backward()
-        opt.step()
-        model.update_balancers()
-        out.append((float(loss.detach()), stats))
+        result = train_step(model, opt, [tokens])
+        out.append((float(result.loss), result.stats))
     return out

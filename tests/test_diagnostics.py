@@ -184,3 +184,13 @@ def test_vendi_one_for_identical_experts_and_e_for_orthogonal():
     moe = _moe_with_duplicates()
     vs = expert_output_vendi(probe_experts(moe, torch.randn(32, 16)))
     assert 1.0 < vs < 4.0
+
+
+def test_vendi_counts_an_expert_with_constant_output_as_distinct():
+    """One definition for train and analyze: a dead expert gets an axis of its own."""
+    out = torch.randn(1, 20, 8).expand(3, 20, 8).clone()
+    out[2] = 0.5  # constant over the probe: nothing left after centring
+    # kernel [[1,1,0],[1,1,0],[0,0,1]]/3: eigenvalues 2/3, 1/3 (a constant expert would be
+    # a zero vector and break the cosine kernel)
+    expected = math.exp(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3)))
+    assert expert_output_vendi(out) == pytest.approx(expected, rel=1e-9)

@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from divmoe.balance.aux_scope import aux_loss_global, global_counts
+from divmoe.balance.aux_scope import aux_loss_global
+from divmoe.layer import MoE, MoEConfig
 from divmoe.routing import RoutingPlan
 
 
@@ -23,7 +24,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         plan = _plan(rank)
-        counts = global_counts(plan)
+        balancer = MoE(8, MoEConfig(num_experts=4, expert_hidden=4)).balancer
+        counts = balancer.reduce_across_ranks(plan.tokens_per_expert().double())
         loss = aux_loss_global(plan, counts)
         torch.save({"counts": counts, "loss": loss.detach()}, os.path.join(out_dir, f"{rank}.pt"))
     finally:

@@ -6,9 +6,10 @@ import dataclasses
 from divmoe.balance import BALANCERS
 from divmoe.cli import main
 from divmoe.dispatch import DISPATCHERS
+from divmoe.diversity.regularizers import DIVERSITY_REGULARIZERS
 from divmoe.experts import EXPERT_LAYOUTS
 from divmoe.layer import MoEConfig
-from divmoe.registry import components, first_sentence, settings_for
+from divmoe.registry import components, first_sentence, readers
 from divmoe.routing import ROUTERS
 
 
@@ -32,8 +33,8 @@ def test_settings_are_real_fields_and_specific():
     assert {"top_k", "top_p"} <= set(rows["router", "dynamic_topp"])
     assert {"sinkhorn_iters", "sinkhorn_tol"} <= set(rows["router", "sinkhorn"])
     assert {"router_dim", "router_temperature"} <= set(rows["router", "hypersphere"])
-    assert {"num_null_experts", "null_target", "null_usage_weight"} <= \
-        set(rows["router", "null_experts"])
+    assert {"num_null_experts", "null_target"} <= set(rows["router", "null_experts"])
+    assert "null_usage_weight" in rows["balancer", "null_usage"]
     assert "top_k" not in rows["router", "soft_merge"]      # one merged expert, k unused
     assert {"aux_loss_weight", "aux_loss_scope"} == set(rows["balancer", "aux_loss"])
     assert {"capacity_factor", "capacity_overflow"} == set(rows["balancer", "capacity"])
@@ -43,10 +44,22 @@ def test_settings_are_real_fields_and_specific():
     assert "top_p" not in rows["router", "topk"] and "sinkhorn_iters" not in rows["router", "topk"]
 
 
-def test_settings_for_matches_help_text_and_prefix():
-    assert "dselect_gamma" in settings_for("dselect_k")         # help: "dselect_k: ..."
-    assert settings_for("z_loss") == ["z_loss_weight"]           # name prefix
-    assert "dispatch" not in settings_for("grouped")             # choice lists are generic
+def test_every_setting_has_a_reader():
+    """Every MoEConfig field is declared by the layer or by a component that reads it."""
+    rows = components()
+    for f in dataclasses.fields(MoEConfig):
+        assert readers(f.name, rows), f.name
+    assert readers("top_p", rows) == ["router dynamic_topp"]
+    assert readers("router", rows) == ["layer"]
+    assert "balancer capacity" in readers("capacity_factor", rows) and \
+        "router expert_choice" in readers("capacity_factor", rows)
+
+
+def test_cli_config_names_the_readers(capsys):
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("moe.sinkhorn_iters "))
+    assert "[read by: router sinkhorn]" in line
 
 
 def test_first_sentence():
@@ -61,9 +74,10 @@ def test_cli_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     for header in ("routers (moe.router):", "balancers (moe.balance, a list):",
+                   "diversity regularisers (moe.diversity, a list):",
                    "expert layouts (moe.expert_layout):", "dispatch kinds (moe.dispatch):"):
         assert header in out
-    for name in [*ROUTERS, *BALANCERS, *EXPERT_LAYOUTS, *DISPATCHERS]:
+    for name in [*ROUTERS, *BALANCERS, *EXPERT_LAYOUTS, *DIVERSITY_REGULARIZERS, *DISPATCHERS]:
         assert f"\n  {name} " in out, name
     assert "soft_merge" in out and "SMEAR" in out
-    assert "settings: moe.top_k, moe.routed_scaling, moe.jitter, moe.top_p" in out
+    assert "settings: moe.top_k, moe.renormalize, moe.routed_scaling, moe.jitter, moe.top_p" in out

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from divmoe.config import ConfigError
+from divmoe.diagnostics import expert_output_vendi
 from divmoe.diversity import regularizers as R
+from divmoe.experts import every_expert
 from divmoe.layer import MoE, MoEConfig
 from divmoe.train import load_config
 
@@ -82,7 +84,7 @@ def test_probe_limits_the_extra_expert_rows():
 def test_off_by_default_costs_nothing(monkeypatch):
     assert MoEConfig().diversity == []
     calls = []
-    monkeypatch.setattr("divmoe.layer.diversity_losses", lambda *a, **k: calls.append(1) or {})
+    monkeypatch.setattr("divmoe.diversity.regularizers.diversity_losses", lambda *a, **k: calls.append(1) or {})
     moe = tiny_moe()
     out = moe(torch.randn(2, 8, 16))
     assert calls == [] and set(out.stats.losses) == {"aux_loss", "z_loss"}
@@ -105,10 +107,10 @@ def test_unknown_regulariser_is_a_config_error():
 def test_expert_output_vendi_ranges_from_one_to_E():
     moe = tiny_moe()
     x = torch.randn(64, 16)
-    v = R.expert_output_vendi(moe.experts, x)
+    v = expert_output_vendi(every_expert(moe.experts, x))
     assert 1.0 < v <= 4.0 + 1e-9
     make_identical(moe)
-    assert R.expert_output_vendi(moe.experts, x) == pytest.approx(1.0, abs=1e-6)
+    assert expert_output_vendi(every_expert(moe.experts, x)) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_exclusivity_training_raises_expert_vendi():
@@ -118,10 +120,10 @@ def test_exclusivity_training_raises_expert_vendi():
     with torch.no_grad():
         moe.experts.w_in_EDH2.add_(0.01 * torch.randn_like(moe.experts.w_in_EDH2))
     x = torch.randn(64, 16)
-    before = R.expert_output_vendi(moe.experts, x)
+    before = expert_output_vendi(every_expert(moe.experts, x))
     opt = torch.optim.Adam(moe.experts.parameters(), lr=1e-2)
     for _ in range(30):
         opt.zero_grad()
         moe(x).aux_loss.backward()
         opt.step()
-    assert R.expert_output_vendi(moe.experts, x) > before + 0.5
+    assert expert_output_vendi(every_expert(moe.experts, x)) > before + 0.5

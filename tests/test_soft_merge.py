@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from divmoe.config import ConfigError
 from divmoe.layer import MoE, MoEConfig
-from divmoe.routing.soft_merge import (merge_groups, soft_merge_forward,
-                                       soft_merge_reference)
+from divmoe.dispatch.soft_merge import soft_merge_forward, soft_merge_reference
+from divmoe.routing.soft_merge import merge_groups
 
 
 def make(d=10, dispatch="grouped", **kw):
@@ -111,7 +111,7 @@ def test_routing_is_per_sequence():
     together = moe(x).output
     alone = torch.cat([moe(x[b:b + 1]).output for b in range(3)])
     torch.testing.assert_close(together, alone, atol=1e-13, rtol=1e-13)
-    plan = moe.router(x.reshape(-1, 10), groups=(3, 5))
+    plan = moe.router(x.reshape(-1, 10), seq_len=5)
     probs_BSE = plan.probs_TE.view(3, 5, -1)
     assert torch.equal(probs_BSE, probs_BSE[:, :1].expand_as(probs_BSE))  # one p per sequence
     # 2-D input is ONE group: same as a single sequence holding every token.
@@ -120,12 +120,12 @@ def test_routing_is_per_sequence():
 
 
 def test_merge_groups():
-    assert merge_groups((4, 7, 16)) == (4, 7)
-    assert merge_groups((2, 3, 7, 16)) == (6, 7)
-    assert merge_groups((9, 16)) == (1, 9)
-    assert merge_groups((16,)) == (1, 1)
-    assert merge_groups((0, 16)) == (0, 0)
-    assert merge_groups((0, 5, 16)) == (0, 5)
+    assert merge_groups(28, 7) == (4, 7)        # [4, 7, d]
+    assert merge_groups(42, 7) == (6, 7)        # [2, 3, 7, d]
+    assert merge_groups(9, None) == (1, 9)      # [9, d]: one group
+    assert merge_groups(1, None) == (1, 1)      # [d]
+    assert merge_groups(0, None) == (0, 0)
+    assert merge_groups(0, 5) == (0, 5)
 
 
 def test_stats_soft_load_and_one_expert_activated():
@@ -134,7 +134,7 @@ def test_stats_soft_load_and_one_expert_activated():
     x = torch.randn(4, 6, 10, dtype=torch.float64)
     out = moe(x)
     s = out.stats
-    plan = moe.router(x.reshape(-1, 10), groups=(4, 6))
+    plan = moe.router(x.reshape(-1, 10), seq_len=6)
     torch.testing.assert_close(s.tokens_per_expert, plan.probs_TE.detach().double().sum(0))
     assert float(s.tokens_per_expert.sum()) == pytest.approx(24)
     assert s.expert_ids.shape == (24, 1)
@@ -177,8 +177,8 @@ def test_runtime_errors():
     x = torch.randn(6, 10, dtype=torch.float64)
     with pytest.raises(ValueError, match="router=soft_merge cannot use selection_bias_E"):
         moe.router(x, selection_bias_E=torch.ones(5))
-    with pytest.raises(ValueError, match="groups 4×2 do not cover the 6 tokens"):
-        moe.router(x, groups=(4, 2))
+    with pytest.raises(ValueError, match="groups 1×4 do not cover the 6 tokens"):
+        moe.router(x, seq_len=4)
     with pytest.raises(ValueError, match="width is 9"):
         moe(torch.randn(2, 3, 9, dtype=torch.float64))
 

@@ -1,4 +1,5 @@
-"""``python -m divmoe`` = the ``divmoe`` command."""
+"""``python -m divmoe``: the ``divmoe`` command (what ``torchrun -m divmoe`` runs)."""
+
 import sys
 
 from .cli import main

@@ -106,8 +106,13 @@ def _cmd_config(args) -> int:
     if args.show_resolved:
         print(dump_yaml(load_config(args.config, args.set)), end="")
         return 0
+    from .registry import components, readers
+
+    rows = components()
     for key, default, allowed, help_ in describe(RunConfig):
-        print(f"{key:28s} {str(default):22s} {allowed:40s} {help_}")
+        read_by = readers(key[len("moe."):], rows) if key.startswith("moe.") else []
+        who = f" [read by: {', '.join(read_by)}]" if read_by else ""
+        print(f"{key:28s} {str(default):22s} {allowed:40s} {help_}{who}")
     return 0
 
 
@@ -220,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     # Bad settings and bad files are the user's to fix: one line naming what was wrong,
     # not a traceback. ConfigError is a ValueError.
     args = build_parser().parse_args(argv)
+    args.cli_argv = list(sys.argv[1:] if argv is None else argv)  # what reports quote as the command
     try:
         return args.func(args)
     except Exception as exc:

@@ -119,6 +119,22 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
     return value
 
 
+def check_per_expert(cfg: Any, key: str, prefix: str, smallest: float, exclusive: bool,
+                     what: str) -> None:
+    """A list setting with one value per expert (``cfg.num_experts`` of them), each
+    >= ``smallest`` (> when ``exclusive``); None means unset."""
+    values = getattr(cfg, key)
+    if values is None:
+        return
+    if len(values) != cfg.num_experts:
+        raise ConfigError(f"{prefix}{key}={values} is not allowed: needs one {what} per expert, "
+                          f"{prefix}num_experts={cfg.num_experts}, got {len(values)}")
+    low = min(values)
+    if low < smallest or (exclusive and low == smallest):
+        raise ConfigError(f"{prefix}{key}={values} is not allowed: every {what} must be "
+                          f"{'>' if exclusive else '>='} {smallest:g}")
+
+
 def validate(cfg: Any, prefix: str = "") -> Any:
     """Check (and coerce in place) every field of a config tree; return it."""
     hints = typing.get_type_hints(type(cfg))

@@ -17,18 +17,19 @@ What changes between scopes is the set of tokens f and P are counted over:
 
   Exact global f needs every micro-batch's counts before the first micro-batch's loss.
   We implement the paper's practical variant for gradient accumulation: a per-layer
-  buffer accumulates the (all-reduced) counts of the micro-batches already run in this
-  optimizer step, and micro-batch j's loss uses counts(0..j) — the counts so far,
-  including its own. The last micro-batch of a step therefore sees the exact global f;
-  earlier ones see a prefix of it. With one micro-batch and one rank this equals the
-  micro-batch scope exactly. The buffer is reset by ``MoE.begin_step()`` (the training
-  loop calls it before each optimizer step; ``update_balancers()`` also clears it).
+  buffer (``Balancer.step_counts_E``) accumulates the counts of the micro-batches already
+  run in this optimizer step, all-reduced over ranks at the Balancer's one reduction
+  point (``Balancer.reduce_across_ranks``), and micro-batch j's loss uses counts(0..j) —
+  the counts so far, including its own. The last micro-batch of a step therefore sees the
+  exact global f; earlier ones see a prefix of it. With one micro-batch and one rank this
+  equals the micro-batch scope exactly. The buffer is reset by ``MoE.begin_step()`` (the
+  training loop calls it before each optimizer step; ``update_balancers()`` also clears
+  it). In evaluation the scope is the micro-batch (no step is accumulating).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from ..routing.plan import RoutingPlan
 
@@ -68,12 +69,3 @@ def aux_loss_global(plan: RoutingPlan, step_counts_E: torch.Tensor) -> torch.Ten
     f_E = counts_E / counts_E.sum().clamp_min(1)
     return plan.num_experts * (f_E * plan.probs_TE.mean(dim=0)).sum()
 
-
-@torch.no_grad()
-def global_counts(plan: RoutingPlan, all_reduce: bool = True) -> torch.Tensor:
-    """This micro-batch's routed-slot counts [E] (float64), summed over data-parallel ranks
-    when torch.distributed is initialised (and ``all_reduce``)."""
-    counts_E = plan.tokens_per_expert().to(torch.float64)
-    if all_reduce and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts_E, op=dist.ReduceOp.SUM)
-    return counts_E

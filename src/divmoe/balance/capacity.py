@@ -1,6 +1,13 @@
-"""Expert capacity: a plan transform between the router and dispatch.
+"""Expert capacity: the two formulas, and the capacity plan transform between the router and
+dispatch.
 
-Capacity per expert C = ⌈capacity_factor · T · k / E⌉ (GShard / Switch Transformer).
+Two meanings, one function each:
+
+- :func:`slot_capacity` — token choice with a capacity (GShard / Switch Transformer): the
+  routed slots an expert accepts, C = ⌈capacity_factor · T · k / E⌉; the rest overflow.
+- :func:`tokens_per_expert_choice` — expert choice (Zhou et al. 2022): the tokens each expert
+  picks, C = round(capacity_factor · T · k / E), clamped to [1, T].
+
 Token rerouting follows "Capacity-Aware Inference: Mitigating the Straggler Effect in
 Mixture of Experts" (He et al. 2025, arXiv 2503.05066): overflowing tokens go to other
 experts that still have room instead of being dropped.
@@ -38,9 +45,19 @@ from ..routing.plan import RoutingPlan
 OVERFLOW = ("drop", "reroute")
 
 
-def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
-    """C = ⌈capacity_factor · T · k / E⌉."""
+def slot_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Routed slots one expert accepts under token choice: C = ⌈capacity_factor · T · k / E⌉."""
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+def tokens_per_expert_choice(num_tokens: int, num_experts: int, top_k: int,
+                             capacity_factor: float) -> int:
+    """Tokens each expert picks under expert choice: C = round(capacity_factor · T · k / E),
+    at least 1 and at most T (0 when T = 0)."""
+    if num_tokens == 0:
+        return 0
+    c = int(round(capacity_factor * num_tokens * top_k / num_experts))
+    return max(1, min(num_tokens, c))
 
 
 def _positions(ids_S: torch.Tensor, E: int) -> torch.Tensor:
@@ -53,7 +70,8 @@ def _positions(ids_S: torch.Tensor, E: int) -> torch.Tensor:
 
 def apply_capacity(plan: RoutingPlan, capacity_factor: float, overflow: str = "drop",
                    top_k: int | None = None) -> tuple[RoutingPlan, int]:
-    """Return (plan with capacity applied, number of rerouted slots).
+    """Return (plan with capacity applied, number of rerouted slots); the plan records the
+    rerouted slots too (``plan.rerouted_slots``).
 
     ``top_k`` is the k of the capacity formula (default: the plan's slot count K).
     """
@@ -64,7 +82,7 @@ def apply_capacity(plan: RoutingPlan, capacity_factor: float, overflow: str = "d
     E = plan.num_experts
     if T == 0:
         return plan, 0
-    C = expert_capacity(T, E, top_k or K, capacity_factor)
+    C = slot_capacity(T, E, top_k or K, capacity_factor)
 
     # Phase 1: rank-major order (all rank-0 slots in token order, then rank 1, ...).
     ids_S = ids_TK.t().reshape(-1)
@@ -108,4 +126,24 @@ def apply_capacity(plan: RoutingPlan, capacity_factor: float, overflow: str = "d
         weights_TK = torch.where(moved_TK, weights_TK * (p_new / p_old).to(weights_TK.dtype),
                                  weights_TK)
     weights_TK = weights_TK * (new_ids_TK >= 0).to(weights_TK.dtype)
-    return dataclasses.replace(plan, expert_ids_TK=new_ids_TK, weights_TK=weights_TK), rerouted
+    return dataclasses.replace(plan, expert_ids_TK=new_ids_TK, weights_TK=weights_TK,
+                               rerouted_slots=rerouted), rerouted
+
+
+class Capacity:
+    """Token-choice capacity (GShard / Switch): each expert takes at most C routed slots, the
+    overflow is dropped or rerouted (He et al. 2025); a plan transform,
+    ``Capacity(cfg)(plan) -> plan``.
+
+    Its host reads (overflow tests, reroute rounds) are the price of a batch-dependent
+    transform; the default layer has no capacity and so none of them.
+    """
+
+    settings = ("capacity_factor", "capacity_overflow")
+
+    def __init__(self, cfg):
+        self.capacity_factor, self.overflow, self.top_k = \
+            cfg.capacity_factor, cfg.capacity_overflow, cfg.top_k
+
+    def __call__(self, plan: RoutingPlan) -> RoutingPlan:
+        return apply_capacity(plan, self.capacity_factor, self.overflow, self.top_k)[0]

@@ -11,8 +11,6 @@ import torch
 from ..routing.plan import RoutingPlan
 from .aux_scope import aux_loss_global, aux_loss_micro_batch, aux_loss_sequence
 from .context import BalanceContext
-from .dirichlet import dirichlet_prior
-from .small_expert import small_expert_bias
 
 
 def aux_loss(plan: RoutingPlan, ctx: BalanceContext | None = None) -> torch.Tensor:
@@ -38,11 +36,3 @@ def z_loss(plan: RoutingPlan, ctx: BalanceContext | None = None) -> torch.Tensor
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)²."""
     return torch.logsumexp(plan.logits_TE.float(), dim=-1).square().mean()
 
-
-BALANCE_LOSSES = {"aux_loss": aux_loss, "z_loss": z_loss, "small_expert_bias": small_expert_bias,
-                  "dirichlet_prior": dirichlet_prior}
-
-# AdaMoE null-expert usage (router=null_experts); defined next to its router.
-from ..routing.null_experts import null_usage_loss  # noqa: E402
-
-BALANCE_LOSSES["null_usage"] = null_usage_loss

@@ -32,8 +32,10 @@ from typing import Callable
 
 import torch
 
+from ..experts import SwiGLU
 from ..experts import grouped_mm as divmoe_gmm
-from ..layer import MoE, MoEConfig, SwiGLU
+from ..hf import load_hf_moe_block
+from ..layer import MoE, MoEConfig
 
 # Implementations that need CUDA kernels fetched from the Hub.
 CUDA_ONLY_IMPLS = {
@@ -102,20 +104,6 @@ def make_mixtral_block(hf, d: int, F: int, E: int, k: int, impl: str, seed: int)
     return block
 
 
-@torch.no_grad()
-def copy_mixtral_to_divmoe(block, moe: MoE) -> None:
-    """Copy a MixtralSparseMoeBlock's weights into a divmoe MoE with the same (d, F, E, k).
-
-    HF (transformers 5.x): ``block.gate.weight`` [E, d]; ``block.experts.gate_up_proj``
-    [E, 2F, d] (gate rows first, then up; used as ``x @ W.T``); ``block.experts.down_proj`` [E, d, F].
-    divmoe: ``router.gate.weight`` [E, d]; ``experts.w_in_EDH2`` [E, d, 2F] (gate columns first);
-    ``experts.w_out_EHD`` [E, F, d] (used as ``x @ W``).
-    """
-    moe.router.gate.weight.copy_(block.gate.weight.to(moe.router.gate.weight.dtype))
-    moe.experts.w_in_EDH2.copy_(block.experts.gate_up_proj.transpose(1, 2))
-    moe.experts.w_out_EHD.copy_(block.experts.down_proj.transpose(1, 2))
-
-
 @contextlib.contextmanager
 def native_grouped_mm(on: bool):
     saved = divmoe_gmm._NATIVE_GROUPED_MM
@@ -170,7 +158,7 @@ def build_candidates(shape, tokens: int, *, hf, st_moe, extra: bool, device, dty
             for b in blocks.values():  # one set of weights for every HF candidate
                 b.load_state_dict(ref_block.state_dict())
             for _, m, _, _ in mine:
-                copy_mixtral_to_divmoe(ref_block, m)
+                load_hf_moe_block(ref_block, m)  # the one HF weight mapping (divmoe.hf)
     if not blocks:  # no HF reference: the divmoe variants still share one set of weights
         for _, m, _, _ in mine[1:]:
             m.load_state_dict(plain.state_dict())

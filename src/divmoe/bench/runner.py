@@ -305,8 +305,8 @@ def run(args: argparse.Namespace, argv=None) -> dict:
                     "modes": list(args.modes),
                     "divmoe_native_grouped_mm": grouped_mm._NATIVE_GROUPED_MM,
                     "st_moe": st_info if st_moe is not None else None,
-                    "command": shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:])
-                    if argv is None else shlex.join(["divmoe", "bench", *argv]),
+                    "command": shlex.join(["divmoe", "bench", *argv]) if argv is not None
+                    else shlex.join(["divmoe", *getattr(args, "cli_argv", sys.argv[1:])]),
                     "loadavg_start": loadavg()},
            "checks": [], "skipped": [], "rows": [], "memory": [], "split": [], "profiles": [],
            "train": None, "targets": []}

@@ -3,10 +3,10 @@
 Both models are ``divmoe.models.MoETransformer`` built from the default ``RunConfig`` (overridable
 with ``--set``), one with ``model.moe=true`` and one with ``model.moe=false`` (the dense model's MLP
 width equals the MoE's active width, so both have the same active parameters per token). Each
-step is exactly a training step of ``divmoe train``: forward on a batch of ``batch_size`` sequences
-of ``seq_len`` random byte tokens, cross-entropy + aux loss, backward, grad-norm clip, AdamW step,
-balancer update. Steps of the two models alternate (moe, dense, moe, dense, ...) after warm-up;
-tokens/s is tokens per step divided by the median step time.
+step is exactly a training step of ``divmoe train`` (:func:`divmoe.train.train_step`, one
+micro-batch of ``batch_size`` sequences of ``seq_len`` random byte tokens). Steps of the two
+models alternate (moe, dense, moe, dense, ...) after warm-up; tokens/s is tokens per step
+divided by the median step time.
 """
 
 from __future__ import annotations
@@ -15,22 +15,15 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from ..models import MoETransformer
+from ..train.step import train_step
 
 
-def train_step(model, optimizer, tokens, grad_clip: float) -> float:
+def timed_step(model, optimizer, tokens, grad_clip: float) -> float:
+    """Seconds of one ``divmoe train`` step (:func:`divmoe.train.train_step`) on one batch."""
     t0 = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
-    model.begin_step()
-    logits, aux, _ = model(tokens[:, :-1])
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
-    (ce + aux).backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    model.update_balancers()
+    train_step(model, optimizer, [tokens], grad_clip)
     return time.perf_counter() - t0
 
 
@@ -53,7 +46,7 @@ def bench_train(overrides: list[str], steps: int, warmup: int, seed: int, log) -
     times = {n: [] for n in models}
     for i in range(warmup + steps):
         for name, (model, opt) in models.items():  # interleaved
-            dt = train_step(model, opt, batches[i % len(batches)], cfg.train.grad_clip)
+            dt = timed_step(model, opt, batches[i % len(batches)], cfg.train.grad_clip)
             if i >= warmup:
                 times[name].append(dt)
         if i >= warmup:

@@ -6,14 +6,13 @@ import math
 
 import torch
 
+from ..balance.loss_free import max_vio as max_vio_tensor
+
 
 def max_vio(load_E: torch.Tensor) -> float:
-    """MaxVio (Loss-Free Balancing paper): (max_i load_i − mean load) / mean load. 0 = balanced."""
-    load_E = load_E.double()
-    mean = load_E.mean()
-    if mean <= 0:
-        return 0.0
-    return float((load_E.max() - mean) / mean)
+    """MaxVio (Loss-Free Balancing paper): (max_i load_i − mean load) / mean load. 0 = balanced.
+    A float; the layer's stats keep the tensor (:func:`divmoe.balance.loss_free.max_vio`)."""
+    return float(max_vio_tensor(torch.as_tensor(load_E)))
 
 
 def coefficient_of_variation(load_E: torch.Tensor) -> float:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..diversity import pairwise_cka
+from ..experts.layout import every_expert
 
 __all__ = ["probe_experts", "output_cosine_similarity", "output_cka", "merge_candidates",
            "redundancy_summary"]
@@ -37,8 +38,7 @@ def probe_experts(moe, x_TD: torch.Tensor) -> torch.Tensor:
     """
     x = torch.as_tensor(x_TD)
     x = x.reshape(-1, x.shape[-1]).to(next(moe.parameters()).dtype)
-    E = moe.config.num_experts
-    return torch.stack([moe.experts.expert(e, x) for e in range(E)])
+    return every_expert(moe.experts, x)
 
 
 def _check_ETD(out_ETD: torch.Tensor) -> torch.Tensor:

@@ -4,12 +4,12 @@ Steps (T tokens, K slots per token, R = routed (non-empty) slots ≤ T·K):
   1. Sort the flat slot list by the row position of its expert (stable), empty slots
      (id −1) last, and cut them off: ``token_R`` is the token of each routed row, rows
      expert-contiguous; ``weight_R`` its combine weight.
-  2. SwiGLU layouts (``experts.buckets()``): cut the rows into chunks of whole experts
+  2. SwiGLU layouts (:class:`~divmoe.experts.layout.BucketedSwiGLU`): cut the rows into chunks of whole experts
      (:func:`plan_chunks`); one hand-written autograd node gathers each chunk's rows, runs
      its grouped experts with the weight folded into the activation, and scatter-adds into
      the output (:mod:`divmoe.dispatch.routed_swiglu`), keeping only x, the hidden
      pre-activation and the activation for backward.
-     Other layouts: x_RD = x_TD[token_R], y_RD = ``experts.grouped(x_RD, counts)``,
+     Other layouts (:class:`~divmoe.experts.layout.GroupedExperts`): x_RD = x_TD[token_R], y_RD = ``experts.grouped(x_RD, counts)``,
      out_TD = scatter_add(token_R, weight_R · y_RD), under plain autograd.
 
 Gathers are ``index_select`` (backward: ``index_add``) and the combine is ``index_add``
@@ -23,6 +23,7 @@ from itertools import accumulate
 
 import torch
 
+from ..experts.layout import layout_kind
 from ..routing.plan import RoutingPlan
 from .routed_swiglu import Chunk, routed_swiglu
 
@@ -35,6 +36,11 @@ from .routed_swiglu import Chunk, routed_swiglu
 CPU_CHUNK_BYTES = 8 << 20
 
 
+# torch.compile runs this function eagerly, as one opaque step between compiled graphs: its
+# row counts are data-dependent (the layer's one host read), its fused node keeps Python
+# chunk lists across forward and backward, and ``torch._grouped_mm`` has no float32 meta
+# kernel to trace with. One graph break per MoE layer call; docs/architecture.md lists it.
+@torch.compiler.disable(reason="dropless dispatch: data-dependent row counts")
 def dispatch_combine(x_TD: torch.Tensor, plan: RoutingPlan, experts,
                      recompute_hidden: bool = False) -> torch.Tensor:
     """out_TD: every token's routed experts, weighted by the plan. ``recompute_hidden``: the
@@ -43,24 +49,23 @@ def dispatch_combine(x_TD: torch.Tensor, plan: RoutingPlan, experts,
     E = plan.num_experts
     if T == 0:
         return torch.zeros_like(x_TD)
-    buckets = experts.buckets() if hasattr(experts, "buckets") else None
+    bucketed = layout_kind(type(experts)) == "bucketed"
     # Profiler ranges (cheap when no profiler runs): `divmoe bench` splits the layer's time by them.
     with torch.profiler.record_function("divmoe.dispatch"):
         ids_S = plan.expert_ids_TK.reshape(-1)
-        position_E = getattr(experts, "row_position_E", None)  # hetero: buckets in turn
+        position_E = experts.row_order() if bucketed else None  # hetero: buckets in turn
         key_S = ids_S if position_E is None else position_E[ids_S.clamp(min=0)]
         key_S = torch.where(ids_S < 0, E, key_S)  # empty slots last, then cut off
         order_S = torch.argsort(key_S, stable=True)
-        counts_P = torch.bincount(key_S, minlength=E + 1)[:E]  # rows per expert, in row order
-        if buckets:
-            counts = counts_P.tolist()  # the one host sync
-            routed = sum(counts)
-        else:
-            routed = int(counts_P.sum())
+        counts_P = torch.zeros(E + 1, dtype=torch.int64, device=key_S.device)
+        counts_P = counts_P.scatter_add_(0, key_S, torch.ones_like(key_S))[:E]  # rows per expert
+        counts = counts_P.tolist()  # the one host read: row counts size every expert's GEMM
+        routed = sum(counts)
         routed_R = order_S[:routed]
         token_R = routed_R // K
         weight_R = plan.weights_TK.reshape(-1).index_select(0, routed_R).to(x_TD.dtype)
-    if buckets:
+    if bucketed:
+        buckets = experts.buckets()
         chunks = plan_chunks(counts, buckets, x_TD)
         return routed_swiglu(x_TD, token_R, weight_R, buckets, chunks,
                              save_hidden=not recompute_hidden)
@@ -102,6 +107,7 @@ def plan_chunks(counts: list[int], buckets, x_TD: torch.Tensor,
         for e0, e1 in zip(start, start[1:] + [E_b]):
             offs = list(accumulate(bucket_counts[e0:e1]))
             chunks.append(Chunk(b, e0, e1, r, r + offs[-1],
-                                torch.tensor(offs, dtype=torch.int32, device=x_TD.device)))
+                                torch.tensor(offs, dtype=torch.int32, device=x_TD.device),
+                                [0] + offs))
             r += offs[-1]
     return chunks

@@ -60,6 +60,7 @@ class Chunk(NamedTuple):
     r0: int
     r1: int
     offs: torch.Tensor  # int32 [e1 - e0], cumulative row counts inside the chunk
+    bounds: list[int]   # [0] + offs as Python ints (the loop kernel needs no host read)
 
 
 def routed_swiglu(x_TD: torch.Tensor, token_R: torch.Tensor, weight_R: torch.Tensor,
@@ -106,10 +107,10 @@ class _RoutedSwiGLU(torch.autograd.Function):
             with record_function("divmoe.dispatch"):
                 x_c = x_TD.index_select(0, tok)
             with record_function("divmoe.experts"):
-                h = gmm(x_c, w_in[c.e0:c.e1], c.offs)
+                h = gmm(x_c, w_in[c.e0:c.e1], c.offs, c.bounds)
                 del x_c
                 a = _swiglu(h)
-                y = gmm(a * weight_R[c.r0:c.r1, None], w_out[c.e0:c.e1], c.offs)
+                y = gmm(a * weight_R[c.r0:c.r1, None], w_out[c.e0:c.e1], c.offs, c.bounds)
             with record_function("divmoe.combine"):
                 out_TD.index_add_(0, tok, y)
             acts.append((h, a) if save_hidden else None)
@@ -142,7 +143,7 @@ class _RoutedSwiGLU(torch.autograd.Function):
                 with record_function("divmoe.dispatch"):
                     x_c = x_TD.index_select(0, tok)
                 with record_function("divmoe.experts"):
-                    h = gmm(x_c, w_in, c.offs)
+                    h = gmm(x_c, w_in, c.offs, c.bounds)
                     acts = h, _swiglu(h)
             h, a = acts
             del acts
@@ -152,10 +153,10 @@ class _RoutedSwiGLU(torch.autograd.Function):
             with record_function("divmoe.combine"):
                 grad_y = grad_TD.index_select(0, tok)
             with record_function("divmoe.experts"):
-                grad_s = gmm(grad_y, w_out.transpose(1, 2), c.offs)
+                grad_s = gmm(grad_y, w_out.transpose(1, 2), c.offs, c.bounds)
                 if need_param[2 * b + 1]:  # (w·a)ᵀ gy
                     gmm_wgrad(a, grad_y.mul_(w_col), c.offs,
-                              out=grad_params[2 * b + 1][c.e0:c.e1])
+                              out=grad_params[2 * b + 1][c.e0:c.e1], bounds=c.bounds)
                 del grad_y
                 if need_w:
                     grad_weight[c.r0:c.r1] = a.mul_(grad_s).sum(-1)
@@ -166,10 +167,11 @@ class _RoutedSwiGLU(torch.autograd.Function):
                     if x_c is None:
                         with record_function("divmoe.dispatch"):
                             x_c = x_TD.index_select(0, tok)
-                    gmm_wgrad(x_c, grad_h, c.offs, out=grad_params[2 * b][c.e0:c.e1])
+                    gmm_wgrad(x_c, grad_h, c.offs, out=grad_params[2 * b][c.e0:c.e1],
+                              bounds=c.bounds)
                 del x_c
                 if need_x:
-                    grad_x_c = gmm(grad_h, w_in.transpose(1, 2), c.offs)
+                    grad_x_c = gmm(grad_h, w_in.transpose(1, 2), c.offs, c.bounds)
                 del grad_h
             if need_x:
                 with record_function("divmoe.dispatch"):

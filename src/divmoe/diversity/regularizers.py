@@ -1,4 +1,4 @@
-"""Expert-diversity regularisers (training losses) and the expert-output Vendi probe.
+"""Expert-diversity regularisers: training losses on the experts' outputs.
 
 Both regularisers are computed on a *probe* of P tokens drawn uniformly at random (without
 replacement, from the global torch RNG, so checkpointed runs resume exactly) from the
@@ -35,18 +35,9 @@ Definitions implemented
   fewer than two routed experts contribute nothing; with none such, the loss is 0.
   Unweighted (not by router weight), so the penalty acts on the experts, not the router.
 
-Expert-output Vendi (evaluation only, see :func:`expert_output_vendi`): the E experts of a
-layer are the items; expert e's feature vector is its output on a fixed probe set, centred
-over the probe tokens and flattened, ``f_e = vec(Y_e − mean_p Y_e) ∈ R^{P·D}``; the Vendi
-score of the cosine kernel of the f_e (linear CKA-like similarity of the experts' functions
-on the probe) ranges from 1 (all experts compute the same function up to scale) to E. This
-is the definition of :func:`divmoe.diagnostics.diversity.expert_output_vendi` (``divmoe
-analyze``), so training-time and post-hoc numbers agree; here an expert whose output is
-constant on the probe (nothing to normalise) counts as distinct instead of raising.
-The training loop logs it per evaluation on a fixed probe (the first ⌈256 / seq_len⌉
-validation windows of every domain): metrics keys ``expert_vendi`` (mean over MoE layers) and
-``expert_vendi_by_layer``, computed from the hidden states entering each MoE layer (forward
-pre-hooks during one extra eval-mode forward; nothing runs in the training step).
+The expert-output Vendi score that ``divmoe train`` logs and ``divmoe analyze`` reports is
+one function, :func:`divmoe.diagnostics.diversity.expert_output_vendi`, over the same expert
+probe (:func:`divmoe.experts.every_expert`).
 """
 
 from __future__ import annotations
@@ -54,8 +45,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DIVERSITY_REGULARIZERS", "probe_rows", "all_expert_outputs", "exclusivity",
-           "output_divergence", "diversity_losses", "expert_output_vendi"]
+from ..experts.layout import every_expert
+
+__all__ = ["DIVERSITY_REGULARIZERS", "DiversityRegularizers", "probe_rows", "exclusivity",
+           "output_divergence", "diversity_losses"]
 
 _EPS = 1e-8
 
@@ -65,12 +58,6 @@ def probe_rows(num_tokens: int, probe_tokens: int, device=None) -> torch.Tensor:
     if probe_tokens >= num_tokens:
         return torch.arange(num_tokens, device=device)
     return torch.randperm(num_tokens, device=device)[:probe_tokens]
-
-
-def all_expert_outputs(experts, x_PD: torch.Tensor) -> torch.Tensor:
-    """Every routed expert on every row: ``Y_EPD`` [E, P, D] (differentiable)."""
-    n = len(experts.expert_sizes())
-    return torch.stack([experts.expert(e, x_PD) for e in range(n)])
 
 
 def exclusivity(y_EPD: torch.Tensor) -> torch.Tensor:
@@ -110,11 +97,16 @@ def output_divergence(y_EPD: torch.Tensor, expert_ids_PK: torch.Tensor) -> torch
     return -torch.cat(js_terms).mean()
 
 
+# name → the MoEConfig field that weights it (explicit, not derived from the name).
+DIVERSITY_REGULARIZERS = {"divergence": "divergence_weight", "exclusivity": "exclusivity_weight"}
+DIVERSITY_SETTINGS = ("divergence_weight", "exclusivity_weight", "diversity_probe_tokens")
+
+
 def diversity_losses(experts, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
                      names, probe_tokens: int) -> dict[str, torch.Tensor]:
     """The unweighted regularisers ``names`` on one shared random probe of the layer input."""
     rows = probe_rows(x_TD.shape[0], probe_tokens, device=x_TD.device)
-    y_EPD = all_expert_outputs(experts, x_TD[rows])
+    y_EPD = every_expert(experts, x_TD[rows])
     out = {}
     for name in names:
         if name == "exclusivity":
@@ -127,19 +119,20 @@ def diversity_losses(experts, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
     return out
 
 
-DIVERSITY_REGULARIZERS = ["divergence", "exclusivity"]
+class DiversityRegularizers:
+    """The regularisers of ``moe.diversity``, weighted, as the layer's loss step runs them:
+    training forwards only (with tokens); evaluation adds nothing."""
 
+    def __init__(self, cfg):
+        self.weights = {name: float(getattr(cfg, DIVERSITY_REGULARIZERS[name]))
+                        for name in cfg.diversity}
+        self.probe_tokens = cfg.diversity_probe_tokens
 
-@torch.no_grad()
-def expert_output_vendi(experts, x_PD: torch.Tensor) -> float:
-    """Vendi score across experts of their centred, flattened outputs on the probe ``x_PD``."""
-    from .vendi import vendi_from_features
-
-    y_EPD = all_expert_outputs(experts, x_PD).float()
-    f_EF = (y_EPD - y_EPD.mean(1, keepdim=True)).reshape(y_EPD.shape[0], -1)
-    dead = f_EF.norm(dim=1) <= _EPS  # an expert with constant output: give it its own axis
-    if bool(dead.any()):
-        f_EF = torch.cat([f_EF, torch.zeros(f_EF.shape[0], int(dead.sum()))], dim=1)
-        f_EF[dead.nonzero().squeeze(1), f_EF.shape[1] - int(dead.sum())
-             + torch.arange(int(dead.sum()))] = 1.0
-    return vendi_from_features(f_EF)
+    def __call__(self, experts, x_TD: torch.Tensor, plan, training: bool
+                 ) -> tuple[torch.Tensor | float, dict]:
+        if not (self.weights and training and plan.num_tokens):
+            return 0.0, {}
+        values = diversity_losses(experts, x_TD, plan.expert_ids_TK, self.weights,
+                                  self.probe_tokens)
+        aux = sum(self.weights[n] * v for n, v in values.items())
+        return aux, {n: v.detach() for n, v in values.items()}

@@ -1,41 +1,71 @@
 """Expert layouts.
 
-A layout is an ``nn.Module`` with ``expert(e, x_ND)`` (the plain per-expert form the
-reference dispatch uses), ``expert_sizes()`` (parameters of each expert) and one of two fast
-forms:
+A layout implements :class:`~divmoe.experts.layout.ExpertLayout` (``expert(e, x_ND)``, the
+plain per-expert form the reference dispatch uses; ``expert_sizes()``; ``base_params()``)
+and one fast form: :class:`~divmoe.experts.layout.BucketedSwiGLU` (``buckets()``, run by
+the fused gather → experts → scatter node) or
+:class:`~divmoe.experts.layout.GroupedExperts` (``grouped(x_SD, counts_E)``, under autograd).
 
-- ``buckets()``: [(w_in [E_b, d, 2·H_b], w_out [E_b, H_b, d])] for SwiGLU experts, run by the
-  fused gather → experts → scatter node (:mod:`divmoe.dispatch.routed_swiglu`); with several
-  buckets, ``row_position_E`` gives each expert's rank in the row order, buckets in turn;
-- ``grouped(x_SD, counts_E)``: all experts over expert-contiguous rows, under autograd.
-
-Layouts with a part shared by every expert also have ``base_params()``.
-
-``EXPERT_LAYOUTS[name](d_model, moe_config)`` builds the layout named by
-``MoEConfig.expert_layout``:
+``EXPERT_LAYOUTS[name]`` declares the layout named by ``MoEConfig.expert_layout``: how to
+build it (``build(d_model, moe_config)``), the settings it reads and its cross-field check.
 
 - ``swiglu``: E SwiGLU experts — :class:`StackedSwiGLU` (all of width ``expert_hidden``) or,
   when ``expert_widths`` is set, :class:`HeteroSwiGLU` (HMoE: per-expert widths, no padding);
 - ``lora``: :class:`LoRASwiGLU`, one frozen dense SwiGLU of width ``expert_hidden`` plus
   rank-``lora_rank`` adapters per expert (LoRAMoE / MoLA).
+
+:class:`SwiGLU` is the dense MLP (shared experts, the dense baseline).
 """
 
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..config import ConfigError, check_per_expert
 from .accounting import activated_params
+from .dense import SwiGLU
 from .hetero import HeteroSwiGLU
+from .layout import BucketedSwiGLU, ExpertLayout, GroupedExperts, every_expert
 from .lora import LoRASwiGLU
 from .swiglu import StackedSwiGLU
 
 
-def _build_swiglu(d_model: int, cfg):
-    if getattr(cfg, "expert_widths", None):
+@dataclass(frozen=True)
+class LayoutSpec:
+    build: Callable[[int, Any], ExpertLayout]
+    classes: tuple[type, ...]          # what it builds (their docstrings describe it)
+    settings: tuple[str, ...]
+    check: Callable[[Any, str], None] | None = None
+
+
+def _build_swiglu(d_model: int, cfg) -> ExpertLayout:
+    if cfg.expert_widths:
         return HeteroSwiGLU(cfg.expert_widths, d_model)
     return StackedSwiGLU(cfg.num_experts, d_model, cfg.expert_hidden)
 
 
-def _build_lora(d_model: int, cfg):
+def _check_swiglu(cfg, prefix: str) -> None:
+    check_per_expert(cfg, "expert_widths", prefix, 1, False, "width")
+
+
+def _build_lora(d_model: int, cfg) -> ExpertLayout:
     return LoRASwiGLU(cfg.num_experts, d_model, cfg.expert_hidden, cfg.lora_rank)
 
 
-EXPERT_LAYOUTS = {"swiglu": _build_swiglu, "lora": _build_lora}
+def _check_lora(cfg, prefix: str) -> None:
+    if cfg.expert_widths is not None:
+        raise ConfigError(f"{prefix}expert_widths={cfg.expert_widths} is not allowed with "
+                          f"{prefix}expert_layout={cfg.expert_layout!r}: only the 'swiglu' "
+                          f"layout has per-expert widths (or set it to null)")
 
-__all__ = ["StackedSwiGLU", "HeteroSwiGLU", "LoRASwiGLU", "EXPERT_LAYOUTS", "activated_params"]
+
+EXPERT_LAYOUTS = {
+    "swiglu": LayoutSpec(_build_swiglu, (StackedSwiGLU, HeteroSwiGLU),
+                         ("expert_hidden", "expert_widths"), _check_swiglu),
+    "lora": LayoutSpec(_build_lora, (LoRASwiGLU,), ("expert_hidden", "lora_rank"), _check_lora),
+}
+
+__all__ = ["StackedSwiGLU", "HeteroSwiGLU", "LoRASwiGLU", "SwiGLU", "EXPERT_LAYOUTS",
+           "LayoutSpec", "ExpertLayout", "BucketedSwiGLU", "GroupedExperts", "every_expert",
+           "activated_params"]

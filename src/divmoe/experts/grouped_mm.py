@@ -25,26 +25,28 @@ def grouped_mm(x_SD: torch.Tensor, w_EDH: torch.Tensor, offs_E: torch.Tensor) ->
     return _LoopGroupedMM.apply(x_SD, w_EDH, [0] + offs_E.tolist())
 
 
-def gmm(x_SD: torch.Tensor, w_EDH: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    """:func:`grouped_mm` outside autograd; ``w_EDH`` may be a transposed view."""
+def gmm(x_SD: torch.Tensor, w_EDH: torch.Tensor, offs_E: torch.Tensor,
+        bounds: list[int] | None = None) -> torch.Tensor:
+    """:func:`grouped_mm` outside autograd; ``w_EDH`` may be a transposed view. ``bounds``
+    (``[0] + offs`` as Python ints, when the caller has them) spares the loop a host read."""
     if _native(x_SD, w_EDH):
         return torch._grouped_mm(x_SD, w_EDH, offs=offs_E)
-    return _loop_mm(x_SD, w_EDH, [0] + offs_E.tolist())
+    return _loop_mm(x_SD, w_EDH, bounds or [0] + offs_E.tolist())
 
 
 def gmm_wgrad(x_SD: torch.Tensor, g_SH: torch.Tensor, offs_E: torch.Tensor,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, bounds: list[int] | None = None) -> torch.Tensor:
     """``out[e] = x[rows of e]ᵀ @ g[rows of e]`` [E, D, H]; zero for experts with no rows.
 
     ``out``: write into this [E, D, H] tensor (a slice of a larger weight gradient) instead
-    of a new one.
+    of a new one; ``bounds`` as in :func:`gmm`.
     """
     # On CPU the kernel is itself a loop of one GEMM per expert, so the loop writing each
     # block in place is as fast and saves copying the result into ``out``.
     if _native(x_SD, g_SH) and (out is None or x_SD.device.type != "cpu"):
         grad = torch._grouped_mm(x_SD.t(), g_SH, offs=offs_E)
         return grad if out is None else out.copy_(grad)
-    return _loop_wgrad(x_SD, g_SH, [0] + offs_E.tolist(), out)
+    return _loop_wgrad(x_SD, g_SH, bounds or [0] + offs_E.tolist(), out)
 
 
 def _loop_mm(x_SD, w_EDH, bounds, out_SH=None):

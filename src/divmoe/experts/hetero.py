@@ -62,11 +62,28 @@ class HeteroSwiGLU(nn.Module):
     def expert_sizes(self) -> list[int]:
         return [3 * self.d_model * h for h in self.widths]
 
+    def base_params(self) -> int:
+        return 0  # nothing shared between experts
+
     def expert(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` on its tokens: the plain form the reference path uses."""
         b, j = self.bucket_of[e], self.local_of[e]
         gate, up = (x_ND @ self.w_in[b][j]).chunk(2, dim=-1)
         return (F.silu(gate) * up) @ self.w_out[b][j]
+
+    @torch.no_grad()
+    def select(self, expert_ids: list[int]) -> "HeteroSwiGLU":
+        out = HeteroSwiGLU([self.widths[e] for e in expert_ids], self.d_model)
+        out = out.to(device=self.w_in[0].device, dtype=self.w_in[0].dtype)
+        for new, e in enumerate(expert_ids):
+            b, j = self.bucket_of[e], self.local_of[e]
+            nb, nj = out.bucket_of[new], out.local_of[new]
+            out.w_in[nb][nj].copy_(self.w_in[b][j])
+            out.w_out[nb][nj].copy_(self.w_out[b][j])
+        return out
+
+    def row_order(self) -> torch.Tensor:
+        return self.row_position_E
 
     def buckets(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(w_in, w_out) per width bucket; rows arrive ordered by :attr:`row_position_E`."""

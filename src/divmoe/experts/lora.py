@@ -56,7 +56,7 @@ class LoRASwiGLU(nn.Module):
 
     @classmethod
     def from_dense(cls, dense: nn.Module, num_experts: int, rank: int) -> "LoRASwiGLU":
-        """Experts over a copy of a dense :class:`divmoe.layer.SwiGLU` (``w_in``: Linear(d, 2H),
+        """Experts over a copy of a dense :class:`divmoe.experts.SwiGLU` (``w_in``: Linear(d, 2H),
         ``w_out``: Linear(H, d)); the copy is frozen, ``dense`` itself is left untouched."""
         w_in, w_out = dense.w_in.weight, dense.w_out.weight   # [2H, d], [d, H]
         hidden, d_model = w_out.shape[1], w_out.shape[0]
@@ -68,6 +68,16 @@ class LoRASwiGLU(nn.Module):
             self.w_in_DH2.copy_(w_in.t())
             self.w_out_HD.copy_(w_out.t())
         return self
+
+    @torch.no_grad()
+    def select(self, expert_ids: list[int]) -> "LoRASwiGLU":
+        out = LoRASwiGLU(len(expert_ids), self.d_model, self.hidden, self.rank)
+        out = out.to(device=self.w_in_DH2.device, dtype=self.w_in_DH2.dtype)
+        out.w_in_DH2.copy_(self.w_in_DH2)
+        out.w_out_HD.copy_(self.w_out_HD)
+        for name in ("a_in_EDR", "b_in_ERH2", "a_out_EHR", "b_out_ERD"):
+            getattr(out, name).copy_(getattr(self, name)[expert_ids])
+        return out
 
     def base_params(self) -> int:
         """Parameters of the frozen base, touched by every token routed to any expert."""

@@ -36,10 +36,24 @@ class StackedSwiGLU(nn.Module):
         """Parameters of each expert."""
         return [self.params_per_expert()] * self.num_experts
 
+    def base_params(self) -> int:
+        return 0  # nothing shared between experts
+
     def expert(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` on its tokens: the plain form the reference path uses."""
         gate, up = (x_ND @ self.w_in_EDH2[e]).chunk(2, dim=-1)
         return (F.silu(gate) * up) @ self.w_out_EHD[e]
+
+    @torch.no_grad()
+    def select(self, expert_ids: list[int]) -> "StackedSwiGLU":
+        out = StackedSwiGLU(len(expert_ids), self.d_model, self.hidden)
+        out = out.to(device=self.w_in_EDH2.device, dtype=self.w_in_EDH2.dtype)
+        out.w_in_EDH2.copy_(self.w_in_EDH2[expert_ids])
+        out.w_out_EHD.copy_(self.w_out_EHD[expert_ids])
+        return out
+
+    def row_order(self) -> None:
+        return None  # rows are ordered by expert id
 
     def buckets(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(w_in, w_out) per group of equal-width experts: one group, all E experts."""

@@ -1,5 +1,5 @@
 """Models built from MoE layers."""
 
-from .transformer import ModelConfig, MoETransformer
+from .transformer import LMOutput, ModelConfig, MoETransformer
 
-__all__ = ["ModelConfig", "MoETransformer"]
+__all__ = ["LMOutput", "ModelConfig", "MoETransformer"]

@@ -1,7 +1,8 @@
 """A small decoder-only transformer LM whose MLPs are MoE layers (or dense SwiGLU).
 
 Reads top to bottom: embeddings → N × (attention, MLP) blocks with pre-RMSNorm →
-final norm → tied output projection. ``ModelConfig.moe=False`` gives the dense baseline
+final norm → tied output projection → (with targets) the cross-entropy, computed here and
+nowhere else. ``ModelConfig.moe=False`` gives the dense baseline
 whose MLP width equals the MoE's active width (k routed + shared experts), so both
 models spend the same active FLOPs per token.
 """
@@ -10,13 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, option
-from ..layer import MoE, MoEConfig, RoutingStats, SwiGLU
+from ..experts import SwiGLU
+from ..layer import MoE, MoEConfig, RoutingStats
 
 
 @dataclass
@@ -36,6 +39,13 @@ class ModelConfig:
         if (self.d_model // self.n_heads) % 2:
             raise ConfigError(f"{prefix}d_model/n_heads={self.d_model // self.n_heads} is not "
                               f"allowed: the head width must be even (rotary embeddings)")
+
+
+class LMOutput(NamedTuple):
+    logits: torch.Tensor            # [B, S, V]
+    loss: Optional[torch.Tensor]    # mean next-token cross-entropy (nats, fp32); None without targets
+    aux_loss: torch.Tensor          # sum of the MoE layers' balance losses (0-dim)
+    stats: list[RoutingStats]       # one per MoE block
 
 
 class Attention(nn.Module):
@@ -125,8 +135,10 @@ class MoETransformer(nn.Module):
     def moe_layers(self) -> list[int]:
         return [i for i, b in enumerate(self.blocks) if b.is_moe]
 
-    def forward(self, tokens_BS: torch.Tensor):
-        """Returns (logits [B, S, V], aux_loss scalar, list of RoutingStats, one per MoE block)."""
+    def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None
+                ) -> LMOutput:
+        """Logits for ``tokens_BS`` [B, S]; with ``targets_BS`` [B, S] also the mean
+        cross-entropy (train on ``out.loss + out.aux_loss``)."""
         if tokens_BS.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens_BS.shape)}")
         if tokens_BS.shape[1] > self.config.seq_len:
@@ -141,7 +153,14 @@ class MoETransformer(nn.Module):
                 aux = aux + block_aux
                 stats.append(block_stats)
         logits = F.linear(self.norm(x), self.embed.weight)
-        return logits, aux, stats
+        loss = None
+        if targets_BS is not None:
+            if targets_BS.shape != tokens_BS.shape:
+                raise ValueError(f"targets shape {tuple(targets_BS.shape)} must equal the tokens' "
+                                 f"{tuple(tokens_BS.shape)}")
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                   targets_BS.reshape(-1))
+        return LMOutput(logits, loss, aux, stats)
 
     def begin_step(self) -> None:
         """Start an optimizer step (before its first micro-batch): resets per-step balancer

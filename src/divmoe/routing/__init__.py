@@ -1,7 +1,9 @@
-"""Routers: modules ``Router(d_model, cfg)`` mapping x_TD to a RoutingPlan.
+"""Routers: :class:`~divmoe.routing.router.Router` subclasses, built as
+``Router(d_model, cfg)``, mapping x_TD to a RoutingPlan.
 
-Each router class says whether it can use a loss-free selection bias
-(``uses_selection_bias``); ``MoEConfig.check`` rejects ``loss_free_bias`` otherwise.
+Each declares the settings it reads, its checks, whether it can take the Balancer's
+selection bias (``uses_selection_bias``) and how its plan is executed (``execution``); see
+:mod:`divmoe.routing.router`. A new router is one module and one entry in :data:`ROUTERS`.
 """
 
 from .expert_choice import ExpertChoiceRouter
@@ -11,7 +13,8 @@ from .grouped import GroupedRouter
 from .hash import HashRouter
 from .hypersphere import HypersphereRouter
 from .null_experts import NullExpertRouter, null_usage_loss
-from .plan import RoutingPlan
+from .plan import RoutingPlan, count_per_expert
+from .router import Router
 from .sinkhorn import SinkhornRouter
 from .soft_merge import SoftMergeRouter
 from .topk import TopKRouter
@@ -29,6 +32,6 @@ ROUTERS = {
     "soft_merge": SoftMergeRouter,
 }
 
-__all__ = ["RoutingPlan", "ROUTERS", "TopKRouter", "ExpertChoiceRouter", "DynamicTopPRouter",
+__all__ = ["RoutingPlan", "Router", "count_per_expert", "ROUTERS", "TopKRouter", "ExpertChoiceRouter", "DynamicTopPRouter",
            "NullExpertRouter", "GroupedRouter", "SinkhornRouter", "HashRouter",
            "HypersphereRouter", "DSelectKRouter", "SoftMergeRouter", "null_usage_loss"]

@@ -31,8 +31,17 @@ def jittered(x_TD: torch.Tensor, jitter: float, training: bool) -> torch.Tensor:
     return x_TD
 
 
-def linear_gate(d_model: int, num_outputs: int) -> nn.Linear:
-    """The router's gate: a bias-free linear map, initialised so logits start at unit scale."""
-    gate = nn.Linear(d_model, num_outputs, bias=False)
+class Gate(nn.Linear):
+    """A bias-free linear gate computed in its own dtype: a float32 router inside a bf16 model
+    (as DeepSeek-V3 and other HF checkpoints keep it) sees float32 input and gives float32
+    logits, instead of failing on mixed dtypes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype))
+
+
+def linear_gate(d_model: int, num_outputs: int) -> Gate:
+    """The router's gate, initialised so logits start at unit scale."""
+    gate = Gate(d_model, num_outputs, bias=False)
     nn.init.normal_(gate.weight, std=d_model ** -0.5)
     return gate

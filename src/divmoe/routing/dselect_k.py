@@ -26,8 +26,9 @@ import math
 import torch
 from torch import nn
 
-from ._common import jittered, require_zero_bias
+from ._common import finish_weights, jittered, require_zero_bias
 from .plan import RoutingPlan
+from .router import Router
 
 
 def smooth_step(t: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -37,8 +38,8 @@ def smooth_step(t: torch.Tensor, gamma: float) -> torch.Tensor:
                        torch.where(t >= gamma / 2, torch.ones_like(t), inner))
 
 
-class DSelectKRouter(nn.Module):
-    uses_selection_bias = False
+class DSelectKRouter(Router):
+    settings = ("top_k", "dselect_gamma", "routed_scaling", "jitter")
 
     def __init__(self, d_model: int, cfg):
         super().__init__()
@@ -57,7 +58,8 @@ class DSelectKRouter(nn.Module):
         self.register_buffer("expert_of_code_C", expert_of_code, persistent=False)
 
     def forward(self, x_TD: torch.Tensor, selection_bias_E: torch.Tensor | None = None,
-                token_ids_T: torch.Tensor | None = None) -> RoutingPlan:
+                token_ids_T: torch.Tensor | None = None, seq_len: int | None = None
+                ) -> RoutingPlan:
         require_zero_bias("dselect_k", selection_bias_E)
         T, E, k, m = x_TD.shape[0], self.num_experts, self.top_k, self.num_bits
         x_TD = jittered(x_TD, self.jitter, self.training)
@@ -74,8 +76,8 @@ class DSelectKRouter(nn.Module):
         K = max(1, int(active_TE.sum(dim=1).max())) if T else 1
         expert_ids_TK = probs_TE.detach().topk(min(K, E), dim=-1).indices
         filled_TK = active_TE.gather(1, expert_ids_TK)
-        weights_TK = probs_TE.gather(1, expert_ids_TK).masked_fill(~filled_TK, 0.0)
-        weights_TK = (weights_TK * self.routed_scaling).to(x_TD.dtype)
+        weights_TK = finish_weights(probs_TE.gather(1, expert_ids_TK), filled_TK, False,
+                                    self.routed_scaling, x_TD.dtype)
         expert_ids_TK = expert_ids_TK.masked_fill(~filled_TK, -1)
         logits_TE = probs_TE.clamp_min(1e-20).log()
         return RoutingPlan(expert_ids_TK, weights_TK, probs_TE, logits_TE)

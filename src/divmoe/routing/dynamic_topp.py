@@ -15,14 +15,13 @@ A selection bias would break the cumulative-probability rule, so only a zero bia
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from ._common import finish_weights, jittered, linear_gate, require_zero_bias
 from .plan import RoutingPlan
+from .router import Router
 
 
-class DynamicTopPRouter(nn.Module):
-    uses_selection_bias = False
+class DynamicTopPRouter(Router):
+    settings = ("top_k", "top_p", "renormalize", "routed_scaling", "jitter")
 
     def __init__(self, d_model: int, cfg):
         super().__init__()
@@ -31,8 +30,12 @@ class DynamicTopPRouter(nn.Module):
             cfg.renormalize, cfg.routed_scaling, cfg.jitter
         self.gate = linear_gate(d_model, cfg.num_experts)
 
+    def experts_per_token(self) -> int:
+        return self.k_max
+
     def forward(self, x_TD: torch.Tensor, selection_bias_E: torch.Tensor | None = None,
-                token_ids_T: torch.Tensor | None = None) -> RoutingPlan:
+                token_ids_T: torch.Tensor | None = None, seq_len: int | None = None
+                ) -> RoutingPlan:
         require_zero_bias("dynamic_topp", selection_bias_E)
         logits_TE = self.gate(jittered(x_TD, self.jitter, self.training))
         probs_TE = logits_TE.float().softmax(dim=-1)

@@ -17,22 +17,14 @@ per-expert ranking of tokens, so only an all-zero bias is accepted.
 from __future__ import annotations
 
 import torch
-from torch import nn
-
-from ._common import jittered, linear_gate, require_zero_bias
+from ..balance.capacity import tokens_per_expert_choice
+from ._common import finish_weights, jittered, linear_gate, require_zero_bias
 from .plan import RoutingPlan
+from .router import Router
 
 
-def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
-    """C = round(capacity_factor · T · k / E), at least 1 and at most T (0 when T = 0)."""
-    if num_tokens == 0:
-        return 0
-    c = int(round(capacity_factor * num_tokens * top_k / num_experts))
-    return max(1, min(num_tokens, c))
-
-
-class ExpertChoiceRouter(nn.Module):
-    uses_selection_bias = False
+class ExpertChoiceRouter(Router):
+    settings = ("top_k", "capacity_factor", "routed_scaling", "jitter")
 
     def __init__(self, d_model: int, cfg):
         super().__init__()
@@ -42,12 +34,13 @@ class ExpertChoiceRouter(nn.Module):
         self.gate = linear_gate(d_model, cfg.num_experts)
 
     def forward(self, x_TD: torch.Tensor, selection_bias_E: torch.Tensor | None = None,
-                token_ids_T: torch.Tensor | None = None) -> RoutingPlan:
+                token_ids_T: torch.Tensor | None = None, seq_len: int | None = None
+                ) -> RoutingPlan:
         require_zero_bias("expert_choice", selection_bias_E)
         T, E = x_TD.shape[0], self.num_experts
         logits_TE = self.gate(jittered(x_TD, self.jitter, self.training))
         scores_TE = logits_TE.float().softmax(dim=-1)
-        C = expert_capacity(T, E, self.top_k, self.capacity_factor)
+        C = tokens_per_expert_choice(T, E, self.top_k, self.capacity_factor)
 
         # Each expert picks its top-C tokens: token_CE[c, e] is the c-th token of expert e.
         token_CE = scores_TE.detach().topk(C, dim=0).indices
@@ -59,7 +52,7 @@ class ExpertChoiceRouter(nn.Module):
         order_TE = scores_TE.detach().masked_fill(~taken_TE, float("-inf"))
         expert_ids_TK = order_TE.topk(K, dim=-1).indices
         filled_TK = taken_TE.gather(1, expert_ids_TK)
-        weights_TK = scores_TE.gather(1, expert_ids_TK).masked_fill(~filled_TK, 0.0)
-        weights_TK = (weights_TK * self.routed_scaling).to(x_TD.dtype)
+        weights_TK = finish_weights(scores_TE.gather(1, expert_ids_TK), filled_TK, False,
+                                    self.routed_scaling, x_TD.dtype)
         expert_ids_TK = expert_ids_TK.masked_fill(~filled_TK, -1)
         return RoutingPlan(expert_ids_TK, weights_TK, scores_TE, logits_TE)

@@ -12,14 +12,24 @@ the scores for selection only. (``topk_groups`` is not used by this router.)
 from __future__ import annotations
 
 import torch
-from torch import nn
-
+from ..config import ConfigError
 from ._common import finish_weights, jittered, linear_gate
 from .plan import RoutingPlan
+from .router import Router, check_groups_divide_experts
 
 
-class GroupedRouter(nn.Module):
+class GroupedRouter(Router):
+    settings = ("top_k", "n_groups", "renormalize", "routed_scaling", "jitter")
     uses_selection_bias = True
+
+    @classmethod
+    def check_settings(cls, cfg, prefix: str = "") -> None:
+        p = prefix
+        check_groups_divide_experts(cfg, p)
+        if cfg.top_k % cfg.n_groups:
+            raise ConfigError(f"{p}top_k={cfg.top_k} is not allowed with {p}router='grouped': "
+                              f"must be divisible by {p}n_groups={cfg.n_groups} (every group "
+                              f"gives each token top_k/n_groups experts)")
 
     def __init__(self, d_model: int, cfg):
         super().__init__()
@@ -29,7 +39,8 @@ class GroupedRouter(nn.Module):
         self.gate = linear_gate(d_model, cfg.num_experts)
 
     def forward(self, x_TD: torch.Tensor, selection_bias_E: torch.Tensor | None = None,
-                token_ids_T: torch.Tensor | None = None) -> RoutingPlan:
+                token_ids_T: torch.Tensor | None = None, seq_len: int | None = None
+                ) -> RoutingPlan:
         T, E, G = x_TD.shape[0], self.num_experts, self.n_groups
         per_group, group_size = self.top_k // G, E // G
         logits_TE = self.gate(jittered(x_TD, self.jitter, self.training))

@@ -16,10 +16,9 @@ Needs ``token_ids_T``; the selection bias must be zero.
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from ._common import require_zero_bias
 from .plan import RoutingPlan
+from .router import Router
 
 _P = 2_147_483_647  # 2^31 − 1
 
@@ -35,15 +34,16 @@ def hash_keys(token_ids_T: torch.Tensor, num_experts: int) -> torch.Tensor:
     return h
 
 
-class HashRouter(nn.Module):
-    uses_selection_bias = False
+class HashRouter(Router):
+    settings = ("top_k",)
 
     def __init__(self, d_model: int, cfg):
         super().__init__()
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
 
     def forward(self, x_TD: torch.Tensor, selection_bias_E: torch.Tensor | None = None,
-                token_ids_T: torch.Tensor | None = None) -> RoutingPlan:
+                token_ids_T: torch.Tensor | None = None, seq_len: int | None = None
+                ) -> RoutingPlan:
         require_zero_bias("hash", selection_bias_E)
         if token_ids_T is None:
             raise ValueError("router=hash needs token ids: call MoE(x, token_ids=...) "

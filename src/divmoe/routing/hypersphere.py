@@ -17,9 +17,12 @@ from torch import nn
 
 from ._common import finish_weights, jittered
 from .plan import RoutingPlan
+from .router import Router
 
 
-class HypersphereRouter(nn.Module):
+class HypersphereRouter(Router):
+    settings = ("top_k", "router_dim", "router_temperature", "renormalize", "routed_scaling",
+                "jitter")
     uses_selection_bias = True
 
     def __init__(self, d_model: int, cfg):
@@ -33,7 +36,8 @@ class HypersphereRouter(nn.Module):
         self.expert_emb_Er = nn.Parameter(torch.randn(cfg.num_experts, cfg.router_dim))
 
     def forward(self, x_TD: torch.Tensor, selection_bias_E: torch.Tensor | None = None,
-                token_ids_T: torch.Tensor | None = None) -> RoutingPlan:
+                token_ids_T: torch.Tensor | None = None, seq_len: int | None = None
+                ) -> RoutingPlan:
         h_Tr = F.normalize(self.proj(jittered(x_TD, self.jitter, self.training)).float(), dim=-1)
         e_Er = F.normalize(self.expert_emb_Er.float(), dim=-1)
         logits_TE = h_Tr @ e_Er.t() / self.temperature

@@ -28,14 +28,34 @@ real experts' scores for selection only (null candidates get 0).
 from __future__ import annotations
 
 import torch
-from torch import nn
-
+from ..config import ConfigError
 from ._common import finish_weights, jittered, linear_gate
 from .plan import RoutingPlan
+from .router import Router
 
 
-class NullExpertRouter(nn.Module):
+class NullExpertRouter(Router):
+    settings = ("top_k", "num_null_experts", "null_target", "renormalize", "routed_scaling",
+                "jitter")
     uses_selection_bias = True
+
+    @classmethod
+    def check_settings(cls, cfg, prefix: str = "") -> None:
+        p = prefix
+        if cfg.num_null_experts < 1:
+            raise ConfigError(f"{p}num_null_experts={cfg.num_null_experts} is not allowed with "
+                              f"{p}router='null_experts': must be >= 1")
+        if cfg.null_target >= 1.0:
+            raise ConfigError(f"{p}null_target={cfg.null_target} is not allowed: must be < 1")
+
+    @classmethod
+    def max_top_k(cls, cfg) -> int:  # k counts null choices too (AdaMoE raises k)
+        return cfg.num_experts + cfg.num_null_experts
+
+    @classmethod
+    def max_top_k_text(cls, cfg, prefix: str) -> str:
+        return (f"{prefix}num_experts={cfg.num_experts} + {prefix}num_null_experts="
+                f"{cfg.num_null_experts}")
 
     def __init__(self, d_model: int, cfg):
         super().__init__()
@@ -48,7 +68,8 @@ class NullExpertRouter(nn.Module):
         self.gate = linear_gate(d_model, cfg.num_experts + cfg.num_null_experts)
 
     def forward(self, x_TD: torch.Tensor, selection_bias_E: torch.Tensor | None = None,
-                token_ids_T: torch.Tensor | None = None) -> RoutingPlan:
+                token_ids_T: torch.Tensor | None = None, seq_len: int | None = None
+                ) -> RoutingPlan:
         E = self.num_experts
         logits_TA = self.gate(jittered(x_TD, self.jitter, self.training))  # A = E + N
         probs_TA = logits_TA.float().softmax(dim=-1)
@@ -61,9 +82,9 @@ class NullExpertRouter(nn.Module):
         choice_TK = select_TA.topk(self.top_k, dim=-1).indices
         null_TK = choice_TK >= E
 
-        weights_TK = probs_TA.gather(1, choice_TK)
-        if self.renormalize:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        # Renormalised over all k chosen slots, null ones included, before they are zeroed.
+        weights_TK = finish_weights(probs_TA.gather(1, choice_TK), None, self.renormalize, 1.0,
+                                    probs_TA.dtype)
         weights_TK = finish_weights(weights_TK, ~null_TK, False, self.routed_scaling, x_TD.dtype)
         expert_ids_TK = choice_TK.masked_fill(null_TK, -1)
 

@@ -20,10 +20,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
-
 from ._common import finish_weights, jittered, linear_gate, require_zero_bias
 from .plan import RoutingPlan
+from .router import Router
 
 
 @torch.no_grad()
@@ -42,8 +41,9 @@ def sinkhorn_log(logits_TE: torch.Tensor, iters: int, tol: float) -> tuple[torch
     return log_pi_TE, used
 
 
-class SinkhornRouter(nn.Module):
-    uses_selection_bias = False
+class SinkhornRouter(Router):
+    settings = ("top_k", "sinkhorn_iters", "sinkhorn_tol", "renormalize", "routed_scaling",
+                "jitter")
 
     def __init__(self, d_model: int, cfg):
         super().__init__()
@@ -54,7 +54,8 @@ class SinkhornRouter(nn.Module):
         self.gate = linear_gate(d_model, cfg.num_experts)
 
     def forward(self, x_TD: torch.Tensor, selection_bias_E: torch.Tensor | None = None,
-                token_ids_T: torch.Tensor | None = None) -> RoutingPlan:
+                token_ids_T: torch.Tensor | None = None, seq_len: int | None = None
+                ) -> RoutingPlan:
         require_zero_bias("sinkhorn", selection_bias_E)
         logits_TE = self.gate(jittered(x_TD, self.jitter, self.training))
         probs_TE = logits_TE.float().softmax(dim=-1)

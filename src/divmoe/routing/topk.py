@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
-
-from ._common import jittered, linear_gate
+from ..config import ConfigError
+from ._common import finish_weights, jittered, linear_gate
 from .plan import RoutingPlan
+from .router import Router, check_groups_divide_experts
 
 
-class TopKRouter(nn.Module):
+class TopKRouter(Router):
     """Linear gate, then each token keeps its k best experts.
 
     Forward pass (x_TD → RoutingPlan):
@@ -26,7 +26,21 @@ class TopKRouter(nn.Module):
     per token (DeepSeek-V3's sequence-wise balance loss uses the same normalisation).
     """
 
+    settings = ("top_k", "score_func", "renormalize", "n_groups", "topk_groups",
+                "routed_scaling", "jitter")
     uses_selection_bias = True
+
+    @classmethod
+    def check_settings(cls, cfg, prefix: str = "") -> None:
+        p = prefix
+        check_groups_divide_experts(cfg, p)
+        if cfg.topk_groups > cfg.n_groups:
+            raise ConfigError(f"{p}topk_groups={cfg.topk_groups} is not allowed: must be <= "
+                              f"{p}n_groups={cfg.n_groups}")
+        eligible = cfg.topk_groups * (cfg.num_experts // cfg.n_groups)
+        if cfg.n_groups > 1 and cfg.top_k > eligible:
+            raise ConfigError(f"{p}top_k={cfg.top_k} is not allowed: the {cfg.topk_groups} "
+                              f"selected groups hold only {eligible} experts")
 
     def __init__(self, d_model: int, cfg):
         super().__init__()
@@ -37,7 +51,8 @@ class TopKRouter(nn.Module):
         self.gate = linear_gate(d_model, cfg.num_experts)
 
     def forward(self, x_TD: torch.Tensor, selection_bias_E: torch.Tensor | None = None,
-                token_ids_T: torch.Tensor | None = None) -> RoutingPlan:
+                token_ids_T: torch.Tensor | None = None, seq_len: int | None = None
+                ) -> RoutingPlan:
         logits_TE = self.gate(jittered(x_TD, self.jitter, self.training))
         if self.score_func == "softmax":
             scores_TE = logits_TE.float().softmax(dim=-1)
@@ -53,10 +68,8 @@ class TopKRouter(nn.Module):
             select_TE = self._mask_groups(select_TE)
         expert_ids_TK = select_TE.topk(self.top_k, dim=-1).indices
 
-        weights_TK = scores_TE.gather(1, expert_ids_TK)
-        if self.renormalize:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        weights_TK = (weights_TK * self.routed_scaling).to(x_TD.dtype)
+        weights_TK = finish_weights(scores_TE.gather(1, expert_ids_TK), None, self.renormalize,
+                                    self.routed_scaling, x_TD.dtype)
         return RoutingPlan(expert_ids_TK, weights_TK, probs_TE, logits_TE)
 
     def _mask_groups(self, select_TE: torch.Tensor) -> torch.Tensor:

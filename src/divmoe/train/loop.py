@@ -22,16 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, dump_yaml, to_dict
 from ..data.dynamic_mix import DynamicMixer
 from ..data.mixture import MixtureSampler, unigram_entropy_bits, validation_set
 from ..data.user_corpus import load_splits
+from ..diagnostics import expert_output_vendi
+from ..experts import every_expert
 from ..models import MoETransformer
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig, load_config
+from .step import train_step
 
 LN2 = math.log(2.0)
 
@@ -77,9 +79,7 @@ def probe_batch(val: dict[str, torch.Tensor], tokens_per_domain: int = 256) -> t
 def expert_vendi_by_layer(model: MoETransformer, probe_BS: torch.Tensor) -> list[float]:
     """Vendi score across each MoE layer's experts of their outputs on the probe's hidden states
     entering that layer (captured by forward pre-hooks during one extra eval-mode forward);
-    see :func:`divmoe.diversity.regularizers.expert_output_vendi`."""
-    from ..diversity.regularizers import expert_output_vendi
-
+    see :func:`divmoe.diagnostics.expert_output_vendi` (the one ``divmoe analyze`` reports)."""
     moes = [model.blocks[i].mlp for i in model.moe_layers]
     captured: dict[int, torch.Tensor] = {}
     hooks = [m.register_forward_pre_hook(
@@ -90,7 +90,7 @@ def expert_vendi_by_layer(model: MoETransformer, probe_BS: torch.Tensor) -> list
     finally:
         for h in hooks:
             h.remove()
-    return [expert_output_vendi(m.experts, captured[li].reshape(-1, m.d_model))
+    return [expert_output_vendi(every_expert(m.experts, captured[li].reshape(-1, m.d_model)))
             for li, m in enumerate(moes)]
 
 
@@ -110,16 +110,13 @@ def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: in
     act_sum, act_tokens = torch.zeros(L, dtype=torch.float64), torch.zeros(L, dtype=torch.float64)
     for di, d in enumerate(domains):
         for chunk in val[d].split(batch_size):
-            logits, _, stats = model(chunk[:, :-1])
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                   chunk[:, 1:].reshape(-1), reduction="sum")
-            loss_sum[d] += float(loss)
+            out = model(chunk[:, :-1], chunk[:, 1:])
+            loss_sum[d] += float(out.loss) * chunk[:, 1:].numel()
             tokens[d] += chunk[:, 1:].numel()
-            for li, s in enumerate(stats):
-                ids = s.expert_ids.reshape(-1)
-                counts_LED[li, :, di] += torch.bincount(ids[ids >= 0], minlength=E)
-                vio_sum[li] += s.max_vio
-                act_sum[li] += s.activated_params_mean * s.num_tokens
+            for li, s in enumerate(out.stats):
+                counts_LED[li, :, di] += s.tokens_per_expert.long()
+                vio_sum[li] += float(s.max_vio)
+                act_sum[li] += float(s.activated_params_mean) * s.num_tokens
                 act_tokens[li] += s.num_tokens
             vio_batches += 1
     model.train()
@@ -292,30 +289,19 @@ def train(out: str | Path, config: RunConfig | None = None, resume: bool = False
                 break
             t0 = time.perf_counter()
             step = state["step"]
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            model.begin_step()  # global-batch balancing counts start afresh each step
             accum = cfg.train.grad_accum
-            ce_sum, step_tokens = 0.0, 0
-            for j in range(accum):
-                tokens, _ = sampler.batch(step * accum + j, cfg.train.batch_size)
-                logits, aux, _ = model(tokens[:, :-1])
-                ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                     tokens[:, 1:].reshape(-1))
-                loss = ce + aux
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {float(loss)} at step {step}; the last "
-                                             f"checkpoint in {run_dir} is intact (lower train.lr?)")
-                (loss / accum).backward()
-                ce_sum += float(ce.detach())
-                step_tokens += tokens[:, :-1].numel()
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            model.update_balancers()
+            batches = [sampler.batch(step * accum + j, cfg.train.batch_size)[0]
+                       for j in range(accum)]
+            try:
+                result = train_step(model, optimizer, batches, cfg.train.grad_clip,
+                                    lr=lr_at(step, cfg))
+            except FloatingPointError as exc:
+                raise FloatingPointError(f"{exc} at step {step}; the last checkpoint in "
+                                         f"{run_dir} is intact (lower train.lr?)") from None
+            ce_mean = float(result.loss)
+            step_tokens = sum(b[:, :-1].numel() for b in batches)
             state["step"] += 1
-            state["loss_sum"] += ce_sum / accum
+            state["loss_sum"] += ce_mean
             state["loss_count"] += 1
             state["tokens_seen"] += step_tokens
             state["train_time"] += time.perf_counter() - t0

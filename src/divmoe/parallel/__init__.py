@@ -1,0 +1,7 @@
+"""Scale-out on torch.distributed: expert parallelism (experts sharded over a process group,
+tokens exchanged with all-to-all) as one more execution strategy of the layer."""
+
+from .all_to_all import exchange, exchange_counts
+from .expert_parallel import TOKEN_SETS, ExpertParallel, check_expert_parallel
+
+__all__ = ["exchange", "exchange_counts", "ExpertParallel", "check_expert_parallel", "TOKEN_SETS"]

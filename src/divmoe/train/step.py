@@ -1,0 +1,50 @@
+"""One optimizer step of the LM: the step ``divmoe train``, ``divmoe bench --train`` and the
+tests all run.
+
+Per step: set the learning rate (if given), clear gradients, start the Balancer's step,
+then for every micro-batch forward with targets (the model computes the cross-entropy) and
+backward (ce + aux) / n; one finite check of the step's loss (the step's only host read),
+gradient-norm clip, optimizer step, balancer update.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+
+class StepResult(NamedTuple):
+    loss: torch.Tensor   # mean cross-entropy over the micro-batches (nats, detached, 0-dim)
+    stats: list          # RoutingStats of the last micro-batch, one per MoE block
+
+
+def train_step(model, optimizer: torch.optim.Optimizer, micro_batches: Sequence[torch.Tensor],
+               grad_clip: float = 0.0, lr: float | None = None) -> StepResult:
+    """``micro_batches``: token windows [B, S+1] each (inputs ``[:, :-1]``, targets ``[:, 1:]``).
+
+    Raises FloatingPointError, before the optimizer step, if the loss is not finite: the
+    parameters are left as they were.
+    """
+    if lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    model.begin_step()  # global-batch balancing counts start afresh each step
+    n = len(micro_batches)
+    ce_sum = total_sum = 0.0
+    stats = []
+    for tokens in micro_batches:
+        out = model(tokens[:, :-1], tokens[:, 1:])
+        loss = out.loss + out.aux_loss
+        (loss / n).backward()
+        ce_sum = ce_sum + out.loss.detach()
+        total_sum = total_sum + loss.detach()
+        stats = out.stats
+    if not torch.isfinite(total_sum):
+        raise FloatingPointError(f"loss became {float(total_sum / n)}")
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    model.update_balancers()
+    return StepResult(ce_sum / n, stats)
