@@ -141,8 +141,9 @@ def main(argv=None) -> int:
     best = min(rand_avg, key=rand_avg.get) if rand_avg else None
     if best is not None:
         arms["bestrandom"] = arms[best]
-    later = {f"{a}-s{s}": job(a, s) for s in range(1, args.seeds)
-             for a in arms if not a.startswith("random")}
+    # the arms the RegMix question needs most first, both later seeds of each together
+    order = ["regmix", "proportional", "uniform", "bestrandom", "temp0.5", "dynamic"]
+    later = {f"{a}-s{s}": job(a, s) for a in order if a in arms for s in range(1, args.seeds)}
     if not args.report_only:
         status = _run_batch(runs, later, args.workers, deadline)
         if "skipped" in status.values():
@@ -175,7 +176,8 @@ def main(argv=None) -> int:
                "search_flops": res["proxy_train_flops"], "full_run_flops": full_flops}
     compute["fraction_time"] = compute["search_core_s"] / compute["full_run_core_s"]
     compute["fraction_flops"] = compute["search_flops"] / full_flops
-    results = {"domains": domains, "table": table, "random_seed0_avg": rand_avg, "best_random": best,
+    transfer = _rank_transfer(res, sizes, runs, [a for a in arms if a not in ("dynamic", "bestrandom")])
+    results = {"domains": domains, "table": table, "transfer": transfer, "random_seed0_avg": rand_avg, "best_random": best,
                "search": {k: res[k] for k in ("proxies", "observed", "prior")},
                "regressors": {r: {k: v for k, v in f.items() if k != "oof"}
                               for r, f in res["fit"]["regressors"].items()},
@@ -188,6 +190,33 @@ def main(argv=None) -> int:
     if not args.report_only:
         print("complete")
     return 0
+
+
+def _rank_transfer(res: dict, sizes: dict, runs: Path, arms: list[str]) -> dict:
+    """RegMix's premise, checked: do the regressors fitted on the proxies rank the static
+    mixtures trained at full size (seed 0) in the order of their full-size average bpb?"""
+    import yaml
+
+    from divmoe.data import mixture_weights
+    from divmoe.regmix.regression import REGRESSORS, lightgbm_available, make_regressor, spearman
+
+    doms = res["domains"]
+    X = np.array([[row["weights"][d] for d in doms] for row in res["rows"]])
+    y = np.array(res["observed"])
+    names = [a for a in arms if (runs / f"{a}-s0" / "summary.json").is_file()]
+    W, full = [], []
+    for n in names:
+        data = yaml.safe_load((runs / f"{n}-s0" / "config.yaml").read_text())["data"]
+        w = mixture_weights(sizes, temperature=data["temperature"], weights=data["weights"])
+        W.append([w[d] for d in doms])
+        full.append(_final(runs / f"{n}-s0")["avg"])
+    out = {"mixtures": names, "full_size_avg": full}
+    for r in REGRESSORS:
+        if r == "lightgbm" and not lightgbm_available():
+            continue
+        pred = make_regressor(r).fit(X, y).predict(np.array(W))
+        out[r] = {"predicted": pred.tolist(), "spearman": spearman(pred, np.array(full))}
+    return out
 
 
 def _markdown(r: dict) -> str:
@@ -208,7 +237,18 @@ def _markdown(r: dict) -> str:
               + f"); compute {c['search_core_s']:.0f} core-s = {100 * c['fraction_time']:.1f}% of one "
               f"full run ({c['full_run_core_s']:.0f} core-s), {100 * c['fraction_flops']:.1f}% of its "
               f"training FLOPs (6·active params·tokens).", "",
-              "RegMix mixture: " + ", ".join(f"{d} {w:.3f}" for d, w in r["regmix_mixture"].items())]
+              "RegMix mixture: " + ", ".join(f"{d} {w:.3f}" for d, w in r["regmix_mixture"].items()),
+              "", "Rank transfer (seed 0, mixtures trained at full size): full-size avg bpb vs the "
+              "proxy regressors' predictions", "",
+              "| mixture | full-size avg bpb | " + " | ".join(
+                  f"{k} predicted" for k in r["transfer"] if k not in ("mixtures", "full_size_avg")) + " |",
+              "|---|---|" + "---|" * (len(r["transfer"]) - 2)]
+    t = r["transfer"]
+    regs = [k for k in t if k not in ("mixtures", "full_size_avg")]
+    for i, n in enumerate(t["mixtures"]):
+        lines.append(f"| {n} | {t['full_size_avg'][i]:.4f} | "
+                     + " | ".join(f"{t[k]['predicted'][i]:.4f}" for k in regs) + " |")
+    lines += ["", "Spearman(predicted, full-size): " + ", ".join(f"{k} {t[k]['spearman']:.3f}" for k in regs)]
     return "\n".join(lines) + "\n"
 
 
