@@ -46,7 +46,7 @@ def test_exchange_uneven_and_zero_splits_forward_and_backward(tmp_path, world):
 
 
 CASES = {
-    "top2": dict(top_k=2),
+    "top2_shared": dict(top_k=2, num_shared_experts=1),  # shared experts replicated
     "top1": dict(top_k=1),
     "null_experts": dict(router="null_experts", num_null_experts=2, top_k=2),
     "hetero": dict(expert_widths=[4, 8, 4, 8, 12, 4, 8, 4]),
@@ -130,8 +130,9 @@ def test_expert_parallel_equals_single_process(tmp_path, world):
             for e_loc, grads in enumerate(_expert_grads(shard, rr["params"])):
                 for got, want in zip(grads, ref_experts[r * per_rank + e_loc]):
                     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=case)
-        # replicated parameters (the router): the sum over ranks is the whole batch's gradient
-        for n in (n for n in ref_grads if n.startswith("router.")):
+        # replicated parameters (router, shared experts): the sum over ranks is the whole
+        # batch's gradient
+        for n in (n for n in ref_grads if n.startswith(("router.", "shared."))):
             torch.testing.assert_close(sum(rr["params"][n] for rr in res), ref_grads[n],
                                        rtol=1e-10, atol=1e-12, msg=f"{case} {n}")
         counts = sum(rr["counts"] for rr in res)

@@ -11,7 +11,7 @@ from divmoe.dispatch import dispatch_combine
 from divmoe.experts import (EXPERT_LAYOUTS, HeteroSwiGLU, LoRASwiGLU, StackedSwiGLU,
                             activated_params)
 from divmoe.layer import MoE, MoEConfig, SwiGLU
-from divmoe.routing import ROUTERS, RoutingPlan
+from divmoe.routing import RoutingPlan
 
 import equivalence
 from equivalence import assert_same_forward_backward, force_expert, grads

@@ -202,3 +202,41 @@ def test_shared_expert_gate():
     assert_same_forward_backward(fast, ref, torch.randn(10, 8, dtype=torch.float64), 1e-10, 1e-10)
 
 
+
+
+# ---------------------------------------------------------------- dtypes, d_model, empty batch
+
+def test_input_dtype_other_than_the_layer_s_is_named():
+    moe = MoE(8, MoEConfig(num_experts=4, expert_hidden=4)).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"input dtype is torch.float32 but the layer's expert "
+                                         r"weights are torch.bfloat16"):
+        moe(torch.randn(3, 8))
+
+
+def test_float32_router_in_a_bf16_layer_computes_in_float32():
+    """HF checkpoints (DeepSeek-V3) keep the router in float32 inside a bf16 model."""
+    torch.manual_seed(0)
+    moe = MoE(8, MoEConfig(num_experts=4, expert_hidden=4)).to(torch.bfloat16)
+    moe.router.float()
+    x = torch.randn(5, 8, dtype=torch.bfloat16)
+    out = moe(x)
+    assert out.output.dtype == torch.bfloat16
+    plan = moe.router(x)
+    assert plan.logits_TE.dtype == torch.float32
+    torch.testing.assert_close(plan.logits_TE, x.float() @ moe.router.gate.weight.t())
+
+
+@pytest.mark.parametrize("d_model", [0, -3, 2.5, True, "8"])
+def test_bad_d_model_is_named(d_model):
+    with pytest.raises(ValueError, match=r"d_model=.* is not allowed: expected an int >= 1"):
+        MoE(d_model, MoEConfig())
+
+
+def test_empty_training_batch_gives_zero_gradients_inside_a_model():
+    """T = 0 inside a larger model: every MoE parameter gets a zero gradient, not None."""
+    moe = MoE(8, MoEConfig(num_experts=4, expert_hidden=4, num_shared_experts=1)).train()
+    proj = torch.nn.Linear(8, 8)
+    out = moe(proj(torch.randn(0, 8)))
+    (out.output.sum() + out.aux_loss).backward()
+    for name, p in moe.named_parameters():
+        assert p.grad is not None and torch.count_nonzero(p.grad) == 0, name

@@ -220,7 +220,8 @@ def _shard(experts, execute, cfg, group):
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     check_expert_parallel(cfg, world)
     per_rank = cfg.num_experts // world
-    local = experts.select(list(range(rank * per_rank, (rank + 1) * per_rank)))
+    with torch.random.fork_rng(devices=[]):  # later parameters initialise as in one process
+        local = experts.select(list(range(rank * per_rank, (rank + 1) * per_rank)))
     return local, ExpertParallel(group, cfg.num_experts, execute)
 
 

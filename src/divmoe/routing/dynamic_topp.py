@@ -15,6 +15,7 @@ A selection bias would break the cumulative-probability rule, so only a zero bia
 from __future__ import annotations
 
 import torch
+
 from ._common import finish_weights, jittered, linear_gate, require_zero_bias
 from .plan import RoutingPlan
 from .router import Router

@@ -17,6 +17,7 @@ per-expert ranking of tokens, so only an all-zero bias is accepted.
 from __future__ import annotations
 
 import torch
+
 from ..balance.capacity import tokens_per_expert_choice
 from ._common import finish_weights, jittered, linear_gate, require_zero_bias
 from .plan import RoutingPlan

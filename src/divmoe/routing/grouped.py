@@ -12,6 +12,7 @@ the scores for selection only. (``topk_groups`` is not used by this router.)
 from __future__ import annotations
 
 import torch
+
 from ..config import ConfigError
 from ._common import finish_weights, jittered, linear_gate
 from .plan import RoutingPlan

@@ -16,6 +16,7 @@ Needs ``token_ids_T``; the selection bias must be zero.
 from __future__ import annotations
 
 import torch
+
 from ._common import require_zero_bias
 from .plan import RoutingPlan
 from .router import Router

@@ -28,6 +28,7 @@ real experts' scores for selection only (null candidates get 0).
 from __future__ import annotations
 
 import torch
+
 from ..config import ConfigError
 from ._common import finish_weights, jittered, linear_gate
 from .plan import RoutingPlan

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from ._common import finish_weights, jittered, linear_gate, require_zero_bias
 from .plan import RoutingPlan
 from .router import Router

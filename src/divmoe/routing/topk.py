@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from ..config import ConfigError
 from ._common import finish_weights, jittered, linear_gate
 from .plan import RoutingPlan

@@ -31,6 +31,7 @@ from ..data.user_corpus import load_splits
 from ..diagnostics import expert_output_vendi
 from ..experts import every_expert
 from ..models import MoETransformer
+from ..routing.plan import count_per_expert
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig, load_config
 from .step import train_step
@@ -114,7 +115,7 @@ def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: in
             loss_sum[d] += float(out.loss) * chunk[:, 1:].numel()
             tokens[d] += chunk[:, 1:].numel()
             for li, s in enumerate(out.stats):
-                counts_LED[li, :, di] += s.tokens_per_expert.long()
+                counts_LED[li, :, di] += count_per_expert(s.expert_ids, E)  # chosen experts
                 vio_sum[li] += float(s.max_vio)
                 act_sum[li] += float(s.activated_params_mean) * s.num_tokens
                 act_tokens[li] += s.num_tokens
