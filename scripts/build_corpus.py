@@ -2,7 +2,7 @@
 """Rebuild the embedded multi-domain corpus shipped in ``src/divmoe/data/corpus/``.
 
 The corpus consists only of real, third-party text taken from Debian packages
-(no text is written by us).  Four domains:
+(no text is written by us).  Eight domains:
 
 ==========  =====================================================  =====================
 domain      source (Debian bookworm package)                       licence
@@ -15,7 +15,18 @@ python      ``libpython3.11-stdlib``: CPython 3.11 standard        PSF License v
             library ``*.py`` sources (no test directories)
 docs        ``python3.11-doc``: reStructuredText sources of the    PSF License v2
             Python 3.11 documentation (``html/_sources``)
+c           ``libc6-dev``: GNU C Library 2.36 headers (``*.h``)     LGPL-2.1+
+shell       ``bash-completion``: bash completion scripts            GPL-2+
+pod         ``perl-doc``: Perl 5.36 manual pages in POD             GPL-1+ or Artistic
+tex         ``texlive-latex-base``: LaTeX kernel and LaTeX Project  LPPL 1.3c
+            bundles (``.sty .cls .def .ltx .tex``)
 ==========  =====================================================  =====================
+
+The first four domains are *frozen*: by default they are copied verbatim from the
+existing ``corpus.jsonl.xz`` (checked against its manifest), because the Debian
+archive has since moved past the Python package version they were built from and
+earlier results must stay comparable.  ``--rebuild-frozen`` rebuilds them from
+their packages instead (byte-identical only with the recorded versions).
 
 Processing (all deterministic):
 
@@ -30,6 +41,8 @@ Processing (all deterministic):
 * python: one document = one ``.py`` file (UTF-8, <= 60 kB, excluding
   ``test/``, ``tests/``, ``idle_test/`` and the generated ``pydoc_data``).
 * docs: one document = one ``.rst.txt`` file (<= 60 kB), kept verbatim.
+* c, shell, pod, tex: one document = one file (UTF-8, not empty, <= 60 kB, no
+  symlinks), kept verbatim; see ``FILE_DOMAINS`` for the folders and suffixes.
 
 For each domain, documents are ordered by ``sha256("select:" + id)`` and taken
 until ``--target-bytes`` (UTF-8 bytes, default 1.8 MB) is reached.  The
@@ -77,13 +90,23 @@ PACKAGES = {
     "spanish": "sword-text-sparv",
     "python": "libpython3.11-stdlib",
     "docs": "python3.11-doc",
+    "c": "libc6-dev",
+    "shell": "bash-completion",
+    "pod": "perl-doc",
+    "tex": "texlive-latex-base",
 }
+#: domains copied from the existing corpus unless --rebuild-frozen (see the module docstring)
+FROZEN = ("docs", "english", "python", "spanish")
 # versions the shipped corpus was built from (Debian bookworm)
 EXPECTED_VERSIONS = {
     "r-cran-janeaustenr": "1.0.0-1",
     "sword-text-sparv": "2.60-1",
     "libpython3.11-stdlib": "3.11.2-6+deb12u9",
     "python3.11-doc": "3.11.2-6+deb12u9",
+    "libc6-dev": "2.36-9+deb12u14",
+    "bash-completion": "1:2.11-6",
+    "perl-doc": "5.36.0-7+deb12u3",
+    "texlive-latex-base": "2022.20230122-3",
 }
 INFO = {
     "english": {
@@ -110,6 +133,28 @@ INFO = {
         "source": "https://docs.python.org/3.11/ (CPython Doc/) via Debian package python3.11-doc",
         "licence": "PSF License Agreement for Python 3.11 (PSF-2.0); code examples in the docs dual-licensed PSF-2.0 / 0BSD",
     },
+    "c": {
+        "description": "GNU C Library 2.36 header files (/usr/include/**/*.h of libc6-dev); one document per header",
+        "source": "https://sourceware.org/glibc/ via Debian package libc6-dev",
+        "licence": "LGPL-2.1-or-later (GNU C Library)",
+    },
+    "shell": {
+        "description": "bash completion scripts of the bash-completion project (completions/*, symlinks "
+        "skipped); one document per script",
+        "source": "https://github.com/scop/bash-completion via Debian package bash-completion",
+        "licence": "GPL-2.0-or-later",
+    },
+    "pod": {
+        "description": "Perl 5.36 core documentation in POD (pod/*.pod of perl-doc); one document per page",
+        "source": "https://www.perl.org/ (perl 5.36.0 pod/) via Debian package perl-doc",
+        "licence": "GPL-1.0-or-later or Artistic-1.0 (the Perl licence)",
+    },
+    "tex": {
+        "description": "LaTeX macro sources of the LaTeX Project bundles base, tools, graphics, l3kernel, "
+        "l3packages, l3backend, latex-lab (.sty .cls .def .ltx .tex); one document per file",
+        "source": "https://www.latex-project.org/ (TeX Live 2022) via Debian package texlive-latex-base",
+        "licence": "LPPL-1.3c (LaTeX Project Public License)",
+    },
 }
 
 
@@ -126,11 +171,11 @@ def normalise(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def fetch_packages(debs: Path) -> dict[str, Path]:
+def fetch_packages(debs: Path, packages: list[str]) -> dict[str, Path]:
     """Return {package: extracted root}; downloads missing .deb files with apt-get."""
     debs.mkdir(parents=True, exist_ok=True)
     roots = {}
-    for pkg in PACKAGES.values():
+    for pkg in packages:
         found = sorted(debs.glob(f"{pkg}_*.deb"))
         if not found:
             subprocess.run(["apt-get", "download", pkg], cwd=debs, check=True)
@@ -392,6 +437,56 @@ def rst_docs(root: Path) -> list[tuple[str, str]]:
     return docs
 
 
+#: domain -> (folder inside the package, file suffixes, id prefix, folders below it to keep or None)
+FILE_DOMAINS = {
+    "c": ("usr/include", (".h",), "glibc-2.36/include", None),
+    "shell": ("usr/share/bash-completion/completions", ("",), "bash-completion-2.11/completions", None),
+    "pod": ("usr/share/perl/5.36.0/pod", (".pod",), "perl-5.36/pod", None),
+    "tex": ("usr/share/texlive/texmf-dist/tex/latex", (".sty", ".cls", ".def", ".ltx", ".tex"),
+            "texlive-2022/tex/latex",
+            ("base", "tools", "graphics", "l3kernel", "l3packages", "l3backend", "latex-lab")),
+}
+
+
+def file_docs(root: Path, domain: str) -> list[tuple[str, str]]:
+    """One document per regular UTF-8 file (not empty, <= MAX_FILE_BYTES) of a FILE_DOMAINS entry."""
+    folder, suffixes, prefix, keep = FILE_DOMAINS[domain]
+    base = root / folder
+    docs = []
+    for path in sorted(base.rglob("*")):
+        rel = path.relative_to(base)
+        if path.is_symlink() or not path.is_file() or not rel.name.endswith(suffixes):
+            continue
+        if keep is not None and rel.parts[0] not in keep:
+            continue
+        raw = path.read_bytes()
+        if not raw.strip() or len(raw) > MAX_FILE_BYTES:
+            continue
+        try:
+            text = normalise(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            continue
+        docs.append((f"{prefix}/{rel.as_posix()}", text))
+    return docs
+
+
+def frozen_records(base: Path) -> tuple[dict[str, list[str]], dict[str, dict]]:
+    """The JSON lines and manifest entries of the FROZEN domains of the corpus in ``base``,
+    verbatim (the file is checked against its manifest's sha256 first)."""
+    manifest = json.loads((base / "manifest.json").read_text(encoding="utf-8"))
+    compressed = (base / "corpus.jsonl.xz").read_bytes()
+    if sha256_hex(compressed) != manifest["files"]["corpus.jsonl.xz"]["sha256"]:
+        raise SystemExit(f"{base}/corpus.jsonl.xz does not match its manifest; cannot copy the frozen domains")
+    lines: dict[str, list[str]] = {d: [] for d in FROZEN}
+    for line in lzma.decompress(compressed).decode("utf-8").splitlines():
+        if line and json.loads(line)["domain"] in FROZEN:
+            lines[json.loads(line)["domain"]].append(line)
+    missing = [d for d in FROZEN if not lines[d]]
+    if missing:
+        raise SystemExit(f"{base}/corpus.jsonl.xz lacks the frozen domain(s) {missing}; use --rebuild-frozen")
+    return lines, {d: manifest["domains"][d] for d in FROZEN}
+
+
 # --------------------------------------------------------------------------- selection + split
 def select_and_split(docs, target_bytes: int, val_fraction: float, min_val_bytes: int):
     ids = [d[0] for d in docs]
@@ -421,22 +516,34 @@ def main(argv=None) -> int:
     ap.add_argument("--target-bytes", type=int, default=1_800_000, help="raw UTF-8 bytes per domain")
     ap.add_argument("--val-fraction", type=float, default=0.05)
     ap.add_argument("--min-val-bytes", type=int, default=64_000)
+    ap.add_argument("--frozen-from", type=Path, default=DEFAULT_OUT,
+                    help=f"corpus folder the frozen domains ({', '.join(FROZEN)}) are copied from")
+    ap.add_argument("--rebuild-frozen", action="store_true",
+                    help="rebuild the frozen domains from their packages instead of copying them")
     args = ap.parse_args(argv)
 
+    frozen_lines, frozen_info = ({}, {}) if args.rebuild_frozen else frozen_records(args.frozen_from)
+    packages = {d: p for d, p in PACKAGES.items() if d not in frozen_lines}
     with tempfile.TemporaryDirectory() as tmp:
         debs = args.debs or Path(tmp)
-        roots = fetch_packages(debs)
-        raw = {
-            "english": english_docs(roots["r-cran-janeaustenr"]),
-            "spanish": sword_docs(roots["sword-text-sparv"] / "usr/share/sword/modules/texts/ztext/spaRV1909eb",
-                                  "spaRV1909"),
-            "python": python_docs(roots["libpython3.11-stdlib"]),
-            "docs": rst_docs(roots["python3.11-doc"]),
+        roots = fetch_packages(debs, sorted(set(packages.values())))
+        builders = {
+            "english": lambda: english_docs(roots["r-cran-janeaustenr"]),
+            "spanish": lambda: sword_docs(roots["sword-text-sparv"]
+                                          / "usr/share/sword/modules/texts/ztext/spaRV1909eb", "spaRV1909"),
+            "python": lambda: python_docs(roots["libpython3.11-stdlib"]),
+            "docs": lambda: rst_docs(roots["python3.11-doc"]),
+            **{d: (lambda d=d: file_docs(roots[PACKAGES[d]], d)) for d in FILE_DOMAINS},
         }
-        pkg_info = {d: deb_info(debs, p) for d, p in PACKAGES.items()}
+        raw = {d: builders[d]() for d in packages}
+        pkg_info = {d: deb_info(debs, p) for d, p in packages.items()}
 
     lines, domains = [], {}
-    for domain in sorted(raw):
+    for domain in sorted(set(raw) | set(frozen_lines)):
+        if domain in frozen_lines:
+            lines += frozen_lines[domain]
+            domains[domain] = frozen_info[domain]
+            continue
         docs = select_and_split(raw[domain], args.target_bytes, args.val_fraction, args.min_val_bytes)
         stats = {"train": [0, 0], "val": [0, 0]}
         for doc_id, text, split in docs:

@@ -100,6 +100,21 @@ def test_manifest_matches_content(train, val):
     assert len(blob) <= 3_000_000
 
 
+#: uncompressed_sha256 of the four-domain corpus (commit 7218c2c) that earlier results used
+FOUR_DOMAIN_SHA256 = "78d709c13811876a97f9a4f6be81a9074f72d8b7637269774a65e385118a8a6b"
+
+
+def test_the_four_original_domains_are_byte_identical():
+    import json
+    import lzma
+
+    blob = resources.files("divmoe.data").joinpath("corpus/corpus.jsonl.xz").read_bytes()
+    lines = [ln for ln in lzma.decompress(blob).decode("utf-8").splitlines()
+             if ln and json.loads(ln)["domain"] in ("docs", "english", "python", "spanish")]
+    assert hashlib.sha256(("\n".join(lines) + "\n").encode()).hexdigest() == FOUR_DOMAIN_SHA256
+    assert len(domains()) >= 8
+
+
 def test_text_is_plain(train):
     spanish = [d for d in train if d.domain == "spanish"]
     assert spanish

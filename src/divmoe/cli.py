@@ -52,6 +52,29 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _cmd_mixture_search(args) -> int:
+    from .compare.runner import _locked
+    from .regmix import run_search
+
+    log = (lambda msg: print(msg, file=sys.stderr)) if not args.quiet else (lambda msg: None)
+    with _locked(args.lock):
+        res = run_search(args.out, proxies=args.proxies, workers=args.workers, target=args.target,
+                         regressor=args.regressor, base=args.set, proxy_set=args.proxy_set,
+                         seed=args.seed, time_budget=args.time_budget, log=log)
+    if not res["complete"]:
+        print(f"{res['finished']} of {res['proxies']} proxies finished within --time-budget; "
+              f"run the same command again to continue")
+        return 3
+    fit = res["fit"]
+    for r, f in fit["regressors"].items():
+        print(f"{r}: cross-validated Spearman {f['cv_spearman']:.3f}")
+    print("chosen (" + fit["regressor"] + "): " + ", ".join(
+        f"{d} {w:.3f}" for d, w in zip(res["domains"], fit["mixture"])))
+    print(f"config: {args.out}/mixture.yaml (divmoe train --config {args.out}/mixture.yaml); "
+          f"summary: {args.out}/search.md")
+    return 0
+
+
 def _cmd_report(args) -> int:
     from .report import write_report
 
@@ -62,7 +85,8 @@ def _cmd_report(args) -> int:
 def _cmd_analyze(args) -> int:
     from .analyze import analyze
 
-    result = analyze(args.path, args.out, max_bytes=args.max_bytes, progress=not args.quiet)
+    result = analyze(args.path, args.out, max_bytes=args.max_bytes, progress=not args.quiet,
+                     data=args.data)
     s = result["summary"]
 
     def f(x):
@@ -129,8 +153,33 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--out", required=True, help="folder for analysis.json and analysis.html")
     an.add_argument("--max-bytes", type=int, default=32768, metavar="N",
                     help="validation bytes per domain to run through the model (default 32768)")
+    an.add_argument("--data", metavar="PATH", help="route this corpus's validation split instead "
+                                                    "of the embedded one (same layouts as data.corpus)")
     an.add_argument("--quiet", action="store_true", help="no progress on stderr")
     an.set_defaults(func=_cmd_analyze)
+
+    mx = sub.add_parser("mixture", help="data-mixture tools")
+    mxs = mx.add_subparsers(dest="mixture_command", required=True)
+    ms = mxs.add_parser("search", help="RegMix: train tiny proxies on Dirichlet mixtures, fit a "
+                                       "regressor, write the predicted-best mixture as a config")
+    ms.add_argument("--out", required=True, help="search folder (proposals, proxies, fit, "
+                                                 "mixture.yaml, plots); resumable")
+    ms.add_argument("--proxies", type=int, default=32, help="number of proxy mixtures (default 32)")
+    ms.add_argument("--workers", type=int, default=2, help="parallel single-thread proxy processes")
+    ms.add_argument("--target", default="average", help="'average' (mean per-domain val bpb) or "
+                                                        "a domain name")
+    ms.add_argument("--regressor", default="best", help="best | linear | lightgbm (default: the "
+                                                       "higher cross-validated Spearman)")
+    ms.add_argument("--seed", type=int, default=0, help="seed of the mixture draws and the search")
+    ms.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="setting for the proxies and the written config (e.g. data.corpus=PATH)")
+    ms.add_argument("--proxy-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="setting for the proxies only, after the proxy defaults")
+    ms.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                    help="start no new proxy after this long (exit 3; rerun to continue)")
+    ms.add_argument("--lock", metavar="FILE", help="flock FILE while the proxies train")
+    ms.add_argument("--quiet", action="store_true", help="no per-proxy progress on stderr")
+    ms.set_defaults(func=_cmd_mixture_search)
 
     r = sub.add_parser("report", help="(re)write RUN/report.html from a run folder")
     r.add_argument("run")

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..data.corpus import load_corpus
+from ..data.user_corpus import load_user_corpus
 from ..data.mixture import _domain_streams
 from ..diagnostics import (cache_gain_at, expert_domain_counts, expert_output_vendi,
                            load_summary, load_trajectory, redundancy_summary, routing_totals,
@@ -102,9 +103,11 @@ def _curve(d: dict) -> dict:
 
 def analyze(path: str | Path, out: str | Path, max_bytes: int = DEFAULT_MAX_BYTES,
             probe_tokens: int = PROBE_TOKENS, batch_size: int = 16,
-            progress: bool = True) -> dict:
+            progress: bool = True, data: str | Path | None = None) -> dict:
     """Analyze the model at ``path`` and write ``out/analysis.json`` and ``out/analysis.html``.
 
+    ``data``: a user corpus (layouts of ``data.corpus``) whose validation split is routed
+    instead of the embedded corpus; a divmoe run trained on a user corpus defaults to it.
     Returns the analysis dict (the content of analysis.json).
     """
     t0 = time.perf_counter()
@@ -116,7 +119,15 @@ def analyze(path: str | Path, out: str | Path, max_bytes: int = DEFAULT_MAX_BYTE
         _log(True, f"note: {note}")
     _log(progress, f"{src.kind} model from {src.path}: {len(src.moes)} MoE layers, "
                    f"E={src.info['num_experts']}, k={src.info['top_k']}, tokenizer {src.tokenizer}")
-    streams = _domain_streams(load_corpus("val"))
+    val_fraction = 0.05
+    if src.kind == "divmoe":
+        from ..train.config import load_config
+
+        run_data = load_config(src.info["config"]).data
+        val_fraction = run_data.val_fraction
+        data = data if data is not None else run_data.corpus
+    val_docs = load_corpus("val") if data is None else load_user_corpus(data, src.seq_len, val_fraction)["val"]
+    streams = _domain_streams(val_docs)
     domains = sorted(streams)
     windows = {d: _windows(src.encode(streams[d][:max_bytes]), src.seq_len) for d in domains}
     L, E, K = len(src.moes), int(src.info["num_experts"]), int(src.info["top_k"])
@@ -209,7 +220,8 @@ def analyze(path: str | Path, out: str | Path, max_bytes: int = DEFAULT_MAX_BYTE
         "source": {"path": str(Path(path).resolve()), "kind": src.kind,
                    "tokenizer": src.tokenizer, "notes": src.notes, **src.info},
         "model": {"num_experts": E, "top_k": K, "layers": src.layer_names, "seq_len": src.seq_len},
-        "data": {"split": "val", "domains": domains, "max_bytes_per_domain": max_bytes,
+        "data": {"split": "val", "corpus": str(data) if data is not None else "embedded",
+                 "domains": domains, "max_bytes_per_domain": max_bytes,
                  "tokens_by_domain": {d: int(windows[d].numel()) for d in domains},
                  "probe_tokens": probe_tokens},
         "summary": summary,

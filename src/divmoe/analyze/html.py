@@ -125,8 +125,10 @@ def write_analysis_html(result: dict, path: str | Path) -> Path:
                 + "".join(f"<li>{_e(p)}</li>" for p in problems) + "</ul></div>")
     now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     title = f"divmoe analysis: {Path(src['path']).name}"
-    meta = f"""Generated {_e(now)} by <code>divmoe analyze</code> on the embedded validation
-corpus ({_e(', '.join(result['data']['domains']))})."""
+    corpus = result["data"].get("corpus", "embedded")
+    which = "the embedded" if corpus == "embedded" else f"the user corpus {_e(corpus)}:"
+    meta = f"""Generated {_e(now)} by <code>divmoe analyze</code> on {which} validation
+split ({_e(', '.join(result['data']['domains']))})."""
     page = html_page(title, meta, f"""{warn}
 <h2>Summary</h2>
 {_kv_table(pairs)}

@@ -116,9 +116,10 @@ def _locked(lock: str | Path | None):
 
 
 def train_variant(out: Path, variant: Variant, base: list[str] = (), progress: bool = False,
-                  lock: str | Path | None = None) -> str:
+                  lock: str | Path | None = None, report: bool = True) -> str:
     """Train one variant into ``out/<name>``; returns 'done' (already finished), 'resumed' or
-    'trained'. ``lock``: a file to flock while training (taken per variant, not per study)."""
+    'trained'. ``lock``: a file to flock while training (taken per variant, not per study);
+    ``report=False``: no report.html."""
     cfg = variant.resolve(base)
     run = Path(out) / variant.name
     if (run / "config.yaml").exists():
@@ -131,16 +132,16 @@ def train_variant(out: Path, variant: Variant, base: list[str] = (), progress: b
     if _finished(run, cfg.train.steps):
         return "done"
     with _locked(lock):
-        return _train_variant(run, cfg, progress)
+        return _train_variant(run, cfg, progress, report)
 
 
-def _train_variant(run: Path, cfg, progress: bool) -> str:
+def _train_variant(run: Path, cfg, progress: bool, report: bool = True) -> str:
     if run.exists() and checkpoint_candidates(run):
-        train(run, cfg, resume=True, progress=progress)
+        train(run, cfg, resume=True, progress=progress, report=report)
         return "resumed"
     if run.exists():  # a run that died before its first checkpoint: nothing to keep
         shutil.rmtree(run)
-    train(run, cfg, progress=progress)
+    train(run, cfg, progress=progress, report=report)
     return "trained"
 
 

@@ -110,18 +110,39 @@ class MixtureSampler:
         self.domain_names: tuple[str, ...] = tuple(streams)
         self.stream_sizes: dict[str, int] = {d: len(b) for d, b in streams.items()}
         self.weights: dict[str, float] = mixture_weights(self.stream_sizes, temperature=temperature, weights=weights)
-        for d in self.domain_names:
-            if self.weights[d] > 0 and self.stream_sizes[d] < self.seq_len + 1:
-                raise ValueError(
-                    f"domain {d!r} has {self.stream_sizes[d]} bytes, fewer than seq_len + 1 = {self.seq_len + 1}"
-                )
         self.probs = torch.tensor([self.weights[d] for d in self.domain_names], dtype=torch.float64)
+        self._check_lengths()
         self._data = torch.cat([_as_tensor(streams[d]) for d in self.domain_names])
         sizes = torch.tensor([self.stream_sizes[d] for d in self.domain_names], dtype=torch.int64)
         self._offsets = torch.cumsum(sizes, 0) - sizes
         # number of valid window starts per domain (0 for domains never sampled and too short)
         self._n_starts = (sizes - self.seq_len).clamp_min(0)
         self._window = torch.arange(self.seq_len + 1, dtype=torch.int64)
+
+    def _check_lengths(self) -> None:
+        for d in self.domain_names:
+            if self.weights[d] > 0 and self.stream_sizes[d] < self.seq_len + 1:
+                raise ValueError(
+                    f"domain {d!r} has {self.stream_sizes[d]} bytes, fewer than seq_len + 1 = {self.seq_len + 1}"
+                )
+
+    def set_weights(self, weights: Mapping[str, float]) -> None:
+        """Replace the mixture (dynamic mixing); later :meth:`batch` calls sample from it."""
+        self.weights = mixture_weights(self.stream_sizes, weights=weights)
+        self._check_lengths()
+        self.probs = torch.tensor([self.weights[d] for d in self.domain_names], dtype=torch.float64)
+
+    def probe_windows(self, per_domain: int) -> dict[str, torch.Tensor]:
+        """Fixed input windows ``{domain: [n, seq_len]}``: ``per_domain`` starts evenly spaced
+        through each domain's stream (fewer when the stream is short). Deterministic."""
+        out = {}
+        for i, d in enumerate(self.domain_names):
+            n = int(self._n_starts[i])
+            if n < 1:
+                continue
+            starts = torch.linspace(0, n - 1, min(per_domain, n)).long() + self._offsets[i]
+            out[d] = self._data[starts.unsqueeze(1) + self._window[:-1]].long()
+        return out
 
     @property
     def num_domains(self) -> int:

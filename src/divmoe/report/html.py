@@ -304,6 +304,7 @@ def write_report(run_dir: str | Path) -> Path:
     f_route = (_try_plot("routing matrix", problems, plots.plot_routing, routing)
                if routing else None)
     f_vio = _try_plot("MaxVio curve", problems, plots.plot_max_vio, rows, moe_layers)
+    f_mix = _try_plot("mixture weights", problems, plots.plot_mix_weights, rows)
 
     figs = [
         _figure("Loss", f_loss,
@@ -329,6 +330,10 @@ def write_report(run_dir: str | Path) -> Path:
                 "Maximal load violation (largest expert load ÷ mean expert load − 1) per "
                 "evaluation: black is the mean over MoE layers, thin lines single layers. "
                 "0 is perfect balance; 1 means some expert gets twice its fair share."),
+        _figure("Domain mixture weights", f_mix,
+                "Sampling weight of each domain as the run went (data.mixing=dynamic: "
+                "re-weighted from the routing of a fixed probe every data.mix_every steps). "
+                "A rising line is a domain whose tokens the experts route unlike the others'."),
     ]
     figs_html = "".join(figs) or "<p>No plottable metrics yet.</p>"
     if not is_moe:

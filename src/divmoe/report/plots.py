@@ -160,6 +160,29 @@ def plot_losses(rows: Sequence[Mapping[str, Any]]) -> Figure | None:
     return fig
 
 
+def plot_mix_weights(rows: Sequence[Mapping[str, Any]]) -> Figure | None:
+    """Sampling weight of each domain against step; None unless the weights changed
+    during the run (``data.mixing=dynamic``)."""
+    pts = [(r["step"], r["mix_weights"]) for r in rows
+           if isinstance(r.get("mix_weights"), Mapping) and r.get("step") is not None]
+    if len(pts) < 2:
+        return None
+    doms = sorted({d for _, w in pts for d in w})
+    W = np.array([[_num(w.get(d)) for d in doms] for _, w in pts], dtype=float)
+    if not np.isfinite(W).all() or np.ptp(W, axis=0).max() <= 1e-9:
+        return None
+    steps = [s for s, _ in pts]
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), layout="constrained")
+    for i, d in enumerate(doms):
+        ax.plot(steps, W[:, i], label=_label(d), marker=_marker(len(steps)), ms=3, lw=1.5)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("sampling weight")
+    ax.set_title("Domain mixture weights (in force after each step)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    return fig
+
+
 def plot_bpb(rows: Sequence[Mapping[str, Any]],
              unigram_bpb: Mapping[str, Any] | None = None,
              domains: Sequence[str] = ()) -> Figure | None:

@@ -19,6 +19,17 @@ class DataConfig:
     temperature: float = option(1.0, min=0.0, min_exclusive=True,
                                 help="mixture temperature over domain sizes (>1 flattens)")
     val_bytes_per_domain: int = option(32768, min=1, help="validation bytes per domain per eval")
+    corpus: Optional[str] = option(None, help="the user's corpus: a folder of per-domain subfolders, "
+                                              "a .yaml of domain: glob, or a .jsonl of text+domain "
+                                              "(null = the embedded corpus)")
+    val_fraction: float = option(0.05, min=0.0, max=1.0, min_exclusive=True,
+                                 help="user corpus: validation share of each domain's bytes")
+    mixing: str = option("static", choices=("static", "dynamic"),
+                         help="static = fixed weights; dynamic = re-weight from routing (seed 002)")
+    mix_every: int = option(40, min=1, help="dynamic mixing: steps between weight updates")
+    mix_eta: float = option(10.0, min=0.0, help="dynamic mixing: step size of the log-weight update")
+    mix_smoothing: float = option(0.05, min=0.0, max=1.0,
+                                  help="dynamic mixing: share of the uniform mixture mixed in")
 
 
 @dataclass

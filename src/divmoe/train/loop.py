@@ -1,4 +1,4 @@
-"""`divmoe train`: train the small MoE LM on the embedded corpus, evaluate, checkpoint, report.
+"""`divmoe train`: train the small MoE LM on the embedded (or the user's) corpus, evaluate, checkpoint, report.
 
 A run folder holds ``config.yaml``, ``metrics.jsonl`` (one row per evaluation),
 ``routing.json`` (expert × domain routing counts of the latest evaluation),
@@ -24,8 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, dump_yaml, to_dict
-from ..data.corpus import domains, load_corpus
+from ..data.dynamic_mix import DynamicMixer
 from ..data.mixture import MixtureSampler, unigram_entropy_bits, validation_set
+from ..data.user_corpus import load_splits
 from ..diagnostics import expert_output_vendi
 from ..experts import every_expert
 from ..files import atomic_write_text, check_output_folder
@@ -196,16 +197,17 @@ class TrainResult:
 
 
 def train(out: str | Path, config: RunConfig | None = None, resume: bool = False,
-          progress: bool = True, stop_after: int | None = None) -> TrainResult:
+          progress: bool = True, stop_after: int | None = None, report: bool = True) -> TrainResult:
     """Train (or resume) a run in ``out``. ``stop_after`` ends the run early at that step as if
-    interrupted (used to test resuming). The run folder is locked while this runs."""
+    interrupted (used to test resuming); ``report=False`` skips report.html (proxy runs).
+    The run folder is locked while this runs."""
     run_dir = check_output_folder(out)
     if resume and not (run_dir / "config.yaml").is_file():
         raise RunError(f"--resume: {run_dir} holds no run (no config.yaml); start it without "
                        f"--resume")
     run_dir.mkdir(parents=True, exist_ok=True)
     with locked_run(run_dir):
-        return _train(run_dir, config, resume, progress, stop_after)
+        return _train(run_dir, config, resume, progress, stop_after, report)
 
 
 def _log(msg: str) -> None:
@@ -213,7 +215,7 @@ def _log(msg: str) -> None:
 
 
 def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool,
-           stop_after: int | None) -> TrainResult:
+           stop_after: int | None, report: bool) -> TrainResult:
     if resume:
         saved = load_config(run_dir / "config.yaml")
         if config is not None and to_dict(config) != to_dict(saved):
@@ -259,19 +261,23 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
                                   f"already at step {state['step']}; train.steps may only stay "
                                   f"or grow on resume")
     atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
-    train_docs, val_docs = load_corpus("train"), load_corpus("val")
-    unknown = sorted(set(cfg.data.weights or {}) - set(domains()))
+    train_docs, val_docs = load_splits(cfg.data.corpus, cfg.model.seq_len, cfg.data.val_fraction)
+    names = sorted({d.domain for d in train_docs})
+    unknown = sorted(set(cfg.data.weights or {}) - set(names))
     if unknown:
         raise ConfigError(f"data.weights has unknown domain {unknown[0]!r}; "
-                          f"allowed domains: {', '.join(domains())}")
+                          f"allowed domains: {', '.join(names)}")
     sampler = MixtureSampler(train_docs, cfg.model.seq_len, seed=cfg.train.seed,
                              weights=cfg.data.weights, temperature=cfg.data.temperature)
+    mixer = DynamicMixer(sampler, cfg.data, model) if cfg.data.mixing == "dynamic" else None
     val = validation_set(val_docs, cfg.model.seq_len, cfg.data.val_bytes_per_domain)
 
     if resume:
         torch.set_rng_state(state.pop("rng"))  # here, where the uninterrupted run's RNG stands
         metrics = [r for r in metrics if r["step"] <= state["step"]]
         _rewrite_metrics(metrics_path, metrics)
+        if "mix_weights" in state:
+            sampler.set_weights(state["mix_weights"])
     elif metrics_path.exists():
         metrics_path.unlink()
 
@@ -294,7 +300,8 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
                "train_loss": state["loss_sum"] / state["loss_count"] if state["loss_count"] else None,
                **ev.row,
                "tokens_per_s": state["tokens_seen"] / state["train_time"] if state["train_time"] else None,
-               "elapsed_s": state["elapsed"], "lr": lr_at(max(state["step"] - 1, 0), cfg)}
+               "elapsed_s": state["elapsed"], "lr": lr_at(max(state["step"] - 1, 0), cfg),
+               "mix_weights": dict(sampler.weights)}
         metrics.append(row)
         with open(metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -335,6 +342,8 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
             state["loss_count"] += 1
             state["tokens_seen"] += step_tokens
             state["train_time"] += time.perf_counter() - t0
+            if mixer is not None and state["step"] % cfg.data.mix_every == 0:
+                state["mix_weights"] = mixer.update(model)
             state["elapsed"] = time.perf_counter() - t_start
             bar.update(1)
             bar.set_postfix(loss=f"{state['loss_sum'] / state['loss_count']:.3f}", refresh=False)
@@ -356,6 +365,7 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
             print(f"interrupted at step {state['step']}; continue with --resume", file=sys.stderr)
     state["elapsed"] = time.perf_counter() - t_start
     write_summary(interrupted)
-    from ..report import write_report
-    write_report(run_dir)
+    if report:
+        from ..report import write_report
+        write_report(run_dir)
     return TrainResult(run_dir, metrics, interrupted)
