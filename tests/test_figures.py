@@ -92,3 +92,20 @@ def test_compare_figures(tmp_path, monkeypatch):
         check_labels(fig, x="step", y=y)
         assert len(fig.axes[0].get_legend().get_texts()) == 2
 
+
+
+def test_report_mixture_weights_figure(tmp_path, monkeypatch):
+    """data.mixing=dynamic runs log mix_weights per evaluation: a sixth figure."""
+    from test_report import _write_metrics
+
+    run = _make_run(tmp_path, "moe")
+    rows = _moe_rows()
+    for t, r in enumerate(rows):
+        r["mix_weights"] = {"code": 0.5 - 0.05 * t, "prose": 0.5 + 0.05 * t}
+    _write_metrics(run, rows)
+    figs = capture(monkeypatch)
+    write_report(run)
+    assert len(figs) == 6
+    mix = [f for f in figs if "mixture" in f.axes[0].get_title()]
+    assert len(mix) == 1
+    check_labels(mix[0], x="training step", y="sampling weight")
