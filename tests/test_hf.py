@@ -226,3 +226,20 @@ def test_find_moe_blocks_skips_dense_layers():
     except (AttributeError, TypeError, ValueError) as err:
         pytest.skip(f"tiny DeepseekV3ForCausalLM not buildable here: {err}")
     assert [n for n, _ in find_moe_blocks(model)] == ["model.layers.1.mlp", "model.layers.2.mlp"]
+
+
+def test_bf16_deepseek_block_with_float32_router():
+    """A bf16 DeepSeek-V3 block whose router stays float32 (as its checkpoints ship) converts
+    into a bf16 layer with a float32 router, and both compute the same on bf16 input."""
+    config, block = hf_block("deepseek_v3", seed=3)
+    block.to(torch.bfloat16)
+    block.gate.float()
+    moe = moe_from_hf_block(block, config).eval()
+    assert moe.router.gate.weight.dtype == torch.float32
+    assert moe.experts.w_in_EDH2.dtype == torch.bfloat16
+    x = torch.randn(2, 5, D, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want, got = block(x.clone()), moe(x)
+    assert got.output.dtype == torch.bfloat16
+    torch.testing.assert_close(got.output.float(), want.float(), atol=3e-2, rtol=3e-2)
+    assert torch.equal(got.stats.expert_ids.sort(dim=-1).values, hf_choices(block, x))

@@ -343,13 +343,17 @@ def save_to_hf_block(moe: MoE, block: nn.Module) -> nn.Module:
 
 
 def moe_from_hf_block(block: nn.Module, hf_config: Any, **overrides: Any) -> MoE:
-    """A new :class:`MoE` computing what ``block`` computes, with its weights and dtype."""
+    """A new :class:`MoE` computing what ``block`` computes, with its weights and dtypes: the
+    experts' dtype for the layer, the gate's for the router (DeepSeek-V3 checkpoints keep a
+    float32 router in a bf16 model; the divmoe router then computes in float32 too)."""
     block_type = _block_model_type(block)
     if getattr(hf_config, "model_type", None) != block_type:
         raise ValueError(f"block {type(block).__name__} is a {block_type!r} block but the config's "
                          f"model_type is {getattr(hf_config, 'model_type', None)!r}")
     moe = MoE(int(hf_config.hidden_size), moe_config_from_hf(hf_config, **overrides))
-    moe.to(device=block.gate.weight.device, dtype=block.gate.weight.dtype)
+    expert_dtype = next(block.experts.parameters()).dtype
+    moe.to(device=block.gate.weight.device, dtype=expert_dtype)
+    moe.router.to(dtype=block.gate.weight.dtype)
     return load_hf_moe_block(block, moe)
 
 
