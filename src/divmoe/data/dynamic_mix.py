@@ -3,7 +3,7 @@ Mixing Maximizes Instruction Tuning for Mixture-of-Experts").
 
 Our reading of the rule (the abstract says only "dataset-level representations" from
 "token routing preference" and "adjust the sampling weight of datasets by their
-inter-redundancies"; the details follow the authors' released code):
+inter-redundancies"; the details follow the authors' released code, Spico197/MoE-SFT):
 
 1. Every ``mix_every`` steps, route a fixed probe of training windows of each domain
    through the model and count, per MoE layer, how many of the domain's routed slots
