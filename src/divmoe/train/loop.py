@@ -36,6 +36,7 @@ from .checkpoint import checkpoint_candidates, load_latest, save_checkpoint
 from .config import RunConfig, load_config
 from .run_folder import RunError, locked_run
 from .step import train_step
+from .tensorboard import ScalarLog, tensorboard_available
 
 LN2 = math.log(2.0)
 
@@ -305,12 +306,15 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
         metrics.append(row)
         with open(metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
+        if scalar_log is not None:
+            scalar_log.write(row)
         if ev.routing is not None:
             _write_json_atomic(run_dir / "routing.json", ev.routing)
         state.update(loss_sum=0.0, loss_count=0, train_time=0.0, tokens_seen=0)
         checkpoint()
         return row
 
+    scalar_log = ScalarLog(run_dir, state["step"]) if tensorboard_available() else None
     steps = cfg.train.steps
     bar = tqdm(total=steps, initial=state["step"], disable=not progress, unit="step",
                dynamic_ncols=True, desc=f"train {run_dir.name}")
@@ -359,6 +363,8 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
     finally:
         bar.close()
         ctrl_c.restore()
+        if scalar_log is not None:
+            scalar_log.close()
     if interrupted:
         checkpoint()  # nothing lost: the running-loss state is in the checkpoint too
         if ctrl_c.requested:
