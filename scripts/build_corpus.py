@@ -397,6 +397,18 @@ def sword_docs(moddir: Path, prefix: str) -> list[tuple[str, str]]:
 MAX_FILE_BYTES = 60_000
 
 
+def _text_of(path: Path, too_small) -> str | None:
+    """The file's normalised UTF-8 text, or None when ``too_small(raw)``, when it is over
+    MAX_FILE_BYTES, or when it does not decode."""
+    raw = path.read_bytes()
+    if too_small(raw) or len(raw) > MAX_FILE_BYTES:
+        return None
+    try:
+        return normalise(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None
+
+
 def python_docs(root: Path) -> list[tuple[str, str]]:
     lib = root / "usr/lib/python3.11"
     docs = []
@@ -408,14 +420,9 @@ def python_docs(root: Path) -> list[tuple[str, str]]:
             continue
         if rel.name.startswith("_sysconfigdata"):
             continue
-        raw = path.read_bytes()
-        if not raw.strip() or len(raw) > MAX_FILE_BYTES:
-            continue
-        try:
-            text = normalise(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            continue
-        docs.append((f"cpython-3.11/Lib/{rel.as_posix()}", text))
+        text = _text_of(path, lambda raw: not raw.strip())
+        if text is not None:
+            docs.append((f"cpython-3.11/Lib/{rel.as_posix()}", text))
     return docs
 
 
@@ -426,14 +433,9 @@ def rst_docs(root: Path) -> list[tuple[str, str]]:
         rel = path.relative_to(src)
         if path.is_symlink() or not path.is_file():
             continue
-        raw = path.read_bytes()
-        if len(raw) < 200 or len(raw) > MAX_FILE_BYTES:
-            continue
-        try:
-            text = normalise(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            continue
-        docs.append((f"cpython-3.11/Doc/{rel.as_posix()[:-len('.txt')]}", text))
+        text = _text_of(path, lambda raw: len(raw) < 200)
+        if text is not None:
+            docs.append((f"cpython-3.11/Doc/{rel.as_posix()[:-len('.txt')]}", text))
     return docs
 
 
@@ -459,14 +461,9 @@ def file_docs(root: Path, domain: str) -> list[tuple[str, str]]:
             continue
         if keep is not None and rel.parts[0] not in keep:
             continue
-        raw = path.read_bytes()
-        if not raw.strip() or len(raw) > MAX_FILE_BYTES:
-            continue
-        try:
-            text = normalise(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            continue
-        docs.append((f"{prefix}/{rel.as_posix()}", text))
+        text = _text_of(path, lambda raw: not raw.strip())
+        if text is not None:
+            docs.append((f"{prefix}/{rel.as_posix()}", text))
     return docs
 
 

@@ -119,11 +119,10 @@ class Balancer(nn.Module):
         """After an optimizer step: move the loss-free bias from the load routed since the last
         update (summed over ranks, so every rank moves it identically), then start afresh."""
         if self.uses_bias:
-            load_E = self.reduce_across_ranks(self.load_since_update_E)
-            # No tokens routed since the last update (e.g. only evaluation ran): no move.
-            before = self.selection_bias_E.clone()
-            update_selection_bias(self.selection_bias_E, load_E, self.bias_update_rate)
-            self.selection_bias_E.copy_(torch.where(load_E.sum() > 0, self.selection_bias_E,
-                                                    before))
+            # No tokens since the last update (only evaluation ran): every load equals the
+            # mean, 0, so sign(mean − load) is 0 and the bias does not move.
+            update_selection_bias(self.selection_bias_E,
+                                  self.reduce_across_ranks(self.load_since_update_E),
+                                  self.bias_update_rate)
         self.load_since_update_E.zero_()
         self.step_counts_E.zero_()

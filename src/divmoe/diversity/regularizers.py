@@ -99,7 +99,6 @@ def output_divergence(y_EPD: torch.Tensor, expert_ids_PK: torch.Tensor) -> torch
 
 # name → the MoEConfig field that weights it (explicit, not derived from the name).
 DIVERSITY_REGULARIZERS = {"divergence": "divergence_weight", "exclusivity": "exclusivity_weight"}
-DIVERSITY_SETTINGS = ("divergence_weight", "exclusivity_weight", "diversity_probe_tokens")
 
 
 def diversity_losses(experts, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
