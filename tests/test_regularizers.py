@@ -32,7 +32,7 @@ def test_identical_experts_get_the_maximal_penalty():
     out = moe(torch.randn(3, 10, 16))
     assert out.stats.losses["exclusivity"] == pytest.approx(1.0, abs=1e-5)
     assert out.stats.losses["divergence"] == pytest.approx(0.0, abs=1e-6)  # −JS, JS = 0
-    expected = 0.1 * out.stats.losses["exclusivity"] + 0.1 * out.stats.losses["divergence"]
+    expected = 0.1 * float(out.stats.losses["exclusivity"]) + 0.1 * float(out.stats.losses["divergence"])
     assert float(out.aux_loss.detach()) == pytest.approx(expected, rel=1e-5)
 
 
