@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -14,6 +15,8 @@ def _cmd_train(args) -> int:
     if args.config or args.set or not args.resume:
         config = load_config(args.config, args.set)
     result = train(args.out, config, resume=args.resume, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for the run
+        return 130 if result.interrupted else 0
     last = result.metrics[-1] if result.metrics else None
     if last:
         by_domain = ", ".join(f"{d} {v:.3f}" for d, v in last["val_bpb_by_domain"].items())

@@ -68,10 +68,11 @@ class MoE(nn.Module):
     before an optimizer step's first micro-batch and :meth:`update_balancers` after the
     optimizer step (``MoETransformer`` forwards both to every layer).
 
-    ``process_group``: shard the experts over the ranks of this torch.distributed group
-    (expert parallelism, :mod:`divmoe.parallel`). Every rank builds the full layer from the
-    same seed and keeps experts [r·E/W, (r+1)·E/W), so initialisation equals the
-    single-process layer's; the router, shared experts and balance state are replicated.
+    ``process_group``: shard the experts over the ranks of this torch.distributed group or
+    1-D ``DeviceMesh`` (expert parallelism, :mod:`divmoe.parallel`; :meth:`shard_experts`).
+    Every rank builds the full layer from the same seed and keeps its experts, so
+    initialisation equals the single-process layer's; the router, shared experts and balance
+    state are replicated.
     """
 
     def __init__(self, d_model: int, config: MoEConfig | None = None, process_group=None,
@@ -90,8 +91,7 @@ class MoE(nn.Module):
         self.experts = EXPERT_LAYOUTS[c.expert_layout].build(d_model, c)
         expert_sizes = self.experts.expert_sizes()  # all E experts, also when sharded
         self.execute = execution_for(c, router_cls)
-        if process_group is not None:
-            self.experts, self.execute = _shard(self.experts, self.execute, c, process_group)
+        self.shard = None  # this rank's ShardMap once the experts are sharded
         shared_hidden = c.shared_expert_hidden or c.num_shared_experts * c.expert_hidden
         self.shared = SwiGLU(d_model, shared_hidden) if c.num_shared_experts else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False) \
@@ -107,6 +107,36 @@ class MoE(nn.Module):
         # The loss-free bias lives in the Balancer; its checkpoint key stays `selection_bias_E`.
         self.register_state_dict_post_hook(_bias_key_out)
         self.register_load_state_dict_pre_hook(_bias_key_in)
+        if process_group is not None:
+            self.shard_experts(process_group)
+
+    def shard_experts(self, group, experts_by_rank: list[list[int]] | None = None) -> None:
+        """Keep only this rank's experts and run the layer expert-parallel over ``group`` (a
+        process group or a 1-D ``DeviceMesh``). Rank r keeps ``experts_by_rank[r]`` (global
+        expert ids; default: [r·E/W, (r+1)·E/W)). The full layer's weights at this moment are
+        where the shard comes from, so load a checkpoint before sharding, not after."""
+        import torch.distributed as dist
+
+        from .parallel import ExpertParallel, check_expert_parallel, check_placement
+        from .parallel.expert_shards import shard_map
+
+        if self.shard is not None:
+            raise RuntimeError("MoE.shard_experts: the experts are already sharded")
+        if hasattr(group, "get_group"):  # a DeviceMesh dimension
+            group = group.get_group()
+        c = self.config
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        check_expert_parallel(c, world)
+        if experts_by_rank is None:
+            per_rank = c.num_experts // world
+            experts_by_rank = [list(range(r * per_rank, (r + 1) * per_rank))
+                               for r in range(world)]
+        check_placement(experts_by_rank, c.num_experts, world)
+        ids = experts_by_rank[rank]
+        self.shard = shard_map(self.experts, ids)
+        with torch.random.fork_rng(devices=[]):  # later parameters initialise as in one process
+            self.experts = self.experts.select(ids)
+        self.execute = ExpertParallel(group, c.num_experts, self.execute, experts_by_rank)
 
     @property
     def selection_bias_E(self) -> torch.Tensor:
@@ -209,20 +239,6 @@ class MoE(nn.Module):
             activated_params_T=act_T,
             null_slots=plan.num_null_slots,
         )
-
-
-def _shard(experts, execute, cfg, group):
-    """This rank's experts and the expert-parallel execution around the local one."""
-    import torch.distributed as dist
-
-    from .parallel import ExpertParallel, check_expert_parallel
-
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    check_expert_parallel(cfg, world)
-    per_rank = cfg.num_experts // world
-    with torch.random.fork_rng(devices=[]):  # later parameters initialise as in one process
-        local = experts.select(list(range(rank * per_rank, (rank + 1) * per_rank)))
-    return local, ExpertParallel(group, cfg.num_experts, execute)
 
 
 def check_finite(x: torch.Tensor) -> None:

@@ -175,6 +175,13 @@ class MoETransformer(nn.Module):
             if b.is_moe:
                 b.mlp.update_balancers()
 
+    def shard_experts(self, group, placement: dict[int, list[list[int]]] | None = None) -> None:
+        """Shard every MoE layer's experts over ``group`` (:meth:`divmoe.layer.MoE.shard_experts`);
+        ``placement`` maps a block index to its experts per rank (default: contiguous)."""
+        for i, b in enumerate(self.blocks):
+            if b.is_moe:
+                b.mlp.shard_experts(group, (placement or {}).get(i))
+
     def param_counts(self) -> dict:
         """Total parameters, and parameters active for one token."""
         total = sum(p.numel() for p in self.parameters())

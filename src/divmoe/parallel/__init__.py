@@ -2,6 +2,7 @@
 tokens exchanged with all-to-all) as one more execution strategy of the layer."""
 
 from .all_to_all import exchange, exchange_counts
-from .expert_parallel import TOKEN_SETS, ExpertParallel, check_expert_parallel
+from .expert_parallel import TOKEN_SETS, ExpertParallel, check_expert_parallel, check_placement
 
-__all__ = ["exchange", "exchange_counts", "ExpertParallel", "check_expert_parallel", "TOKEN_SETS"]
+__all__ = ["exchange", "exchange_counts", "ExpertParallel", "check_expert_parallel",
+           "check_placement", "TOKEN_SETS"]

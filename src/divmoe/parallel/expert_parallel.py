@@ -1,9 +1,11 @@
 """Expert parallelism: the experts of a layer sharded over the ranks of a process group, the
 token slots exchanged with all-to-all — one more execution strategy of the layer.
 
-With W ranks and E experts, rank r holds experts [r·E/W, (r+1)·E/W) (``E % W == 0``). Per
-layer call, every rank:
-  1. sorts its routed slots by (global) expert, as dropless dispatch does, and counts them;
+With W ranks and E experts, rank r holds E/W experts (``E % W == 0``): by default
+[r·E/W, (r+1)·E/W), or the ids a placement gives it (:func:`check_placement`). Per layer
+call, every rank:
+  1. sorts its routed slots by expert position (rank by rank, each rank's experts in its
+     order), as dropless dispatch does, and counts them;
   2. exchanges the per-expert counts (an all-to-all of [W, E/W] integers), so each rank
      knows how many rows it will receive from each other rank, for each of its experts;
   3. sends every slot's token row to the rank holding its expert (all-to-all, uneven
@@ -52,15 +54,39 @@ def check_expert_parallel(cfg, world: int, prefix: str = "moe.") -> None:
                           f"tokens, and each rank holds only its own experts")
 
 
-class ExpertParallel:
-    """The execution strategy: ``ExpertParallel(group, num_experts, local)(x_TD, plan, experts)``
-    with ``experts`` this rank's shard and ``local`` the execution run on it."""
+def check_placement(experts_by_rank: list[list[int]], num_experts: int, world: int) -> None:
+    """Refuse a placement that does not give each of the ``world`` ranks E/W distinct experts."""
+    if len(experts_by_rank) != world:
+        raise ConfigError(f"expert placement lists {len(experts_by_rank)} ranks, but the "
+                          f"experts are sharded over {world}")
+    per_rank = num_experts // world
+    for r, ids in enumerate(experts_by_rank):
+        if len(ids) != per_rank:
+            raise ConfigError(f"expert placement gives rank {r} {len(ids)} experts; each rank "
+                              f"holds num_experts/ranks = {per_rank}")
+    flat = sorted(e for ids in experts_by_rank for e in ids)
+    if flat != list(range(num_experts)):
+        missing = sorted(set(range(num_experts)) - set(flat))
+        raise ConfigError(f"expert placement must place every expert 0..{num_experts - 1} "
+                          f"exactly once; " + (f"missing {missing}" if missing else
+                                               "some expert is placed twice"))
 
-    def __init__(self, group, num_experts: int, local):
+
+class ExpertParallel:
+    """The execution strategy: ``ExpertParallel(group, num_experts, local, experts_by_rank)
+    (x_TD, plan, experts)`` with ``experts`` this rank's shard (its experts in the order of
+    ``experts_by_rank[rank]``) and ``local`` the execution run on it."""
+
+    def __init__(self, group, num_experts: int, local, experts_by_rank: list[list[int]]):
         self.group, self.local = group, local
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.experts_per_rank = num_experts // self.world
+        order = [e for ids in experts_by_rank for e in ids]
+        # global expert id → its position in rank order (identity for the default placement)
+        position = torch.empty(num_experts, dtype=torch.int64)
+        position[torch.tensor(order)] = torch.arange(num_experts)
+        self.position_E = None if order == list(range(num_experts)) else position
 
     @torch.compiler.disable(reason="expert parallelism: data-dependent all-to-all splits")
     def __call__(self, x_TD: torch.Tensor, plan: RoutingPlan, experts) -> torch.Tensor:
@@ -68,6 +94,9 @@ class ExpertParallel:
         E = W * E_loc
         K = plan.expert_ids_TK.shape[1]
         ids_S = plan.expert_ids_TK.reshape(-1)
+        if self.position_E is not None:
+            ids_S = torch.where(ids_S < 0, ids_S,
+                                self.position_E.to(ids_S.device)[ids_S.clamp_min(0)])
         key_S = torch.where(ids_S < 0, E, ids_S)  # empty slots last, then cut off
         order_S = torch.argsort(key_S, stable=True)
         counts_E = torch.zeros(E + 1, dtype=torch.int64, device=x_TD.device)

@@ -48,8 +48,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(run_dir: Path, model: torch.nn.Module, state: dict) -> Path:
-    """Write ``model``'s weights and ``state`` as the run's newest checkpoint.
+def save_checkpoint(run_dir: Path, weights: dict[str, torch.Tensor], state: dict) -> Path:
+    """Write ``weights`` (a model's single-process state dict) and ``state`` as the run's
+    newest checkpoint.
 
     Steps: remove temporaries a killed writer left; write both files and their manifest into
     a fresh temporary folder and fsync them; move the previous checkpoint away, the newest to
@@ -62,7 +63,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, state: dict) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=run_dir))
     os.chmod(tmp, folder_mode())  # mkdtemp makes it private; the checkpoint is as readable as the run
     try:
-        tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        tensors = {k: v.detach().contiguous() for k, v in weights.items()}
         try:
             save_file(tensors, str(tmp / WEIGHTS))
             torch.save(state, tmp / STATE)

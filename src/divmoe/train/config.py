@@ -50,11 +50,23 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    expert: int = option(1, min=1, help="under torchrun: ranks each MoE layer's experts are "
+                                        "sharded over (expert parallelism); the W ranks form "
+                                        "W/expert data-parallel replicas")
+    placement: Optional[str] = option(None, help="under torchrun: expert → rank placement file "
+                                                 "written by `divmoe place` (null = experts "
+                                                 "[r·E/n, (r+1)·E/n) on rank r)")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = option(default_factory=ModelConfig)
     moe: MoEConfig = option(default_factory=MoEConfig)
     data: DataConfig = option(default_factory=DataConfig)
     train: TrainConfig = option(default_factory=TrainConfig)
+    # How the run is laid out over processes, not what it computes: it may change on resume.
+    parallel: ParallelConfig = option(default_factory=ParallelConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (),

@@ -11,6 +11,7 @@ optimizer, RNG and running-loss state, so a resumed run reproduces an uninterrup
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, dump_yaml, to_dict
@@ -31,9 +33,14 @@ from ..diagnostics import expert_output_vendi
 from ..experts import every_expert
 from ..files import atomic_write_text, check_output_folder
 from ..models import MoETransformer
+from ..parallel.expert_shards import (full_model_state, full_optimizer_named,
+                                      named_optimizer_state, optimizer_state_from_named,
+                                      shard_optimizer_named)
+from ..parallel.ranks import check_run_parallel, init_ranks, launched_distributed
+from ..balance.loss_free import max_vio
 from ..routing.plan import count_per_expert
 from .checkpoint import checkpoint_candidates, load_latest, save_checkpoint
-from .config import RunConfig, load_config
+from .config import ParallelConfig, RunConfig, load_config
 from .run_folder import RunError, locked_run
 from .step import train_step
 from .tensorboard import ScalarLog, tensorboard_available
@@ -50,11 +57,18 @@ def lr_at(step: int, cfg) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def optimizer_param_names(model: torch.nn.Module) -> list[list[str]]:
+    """The parameter names of each optimizer group: matrices (weight decay), then the rest."""
+    named = list(model.named_parameters())
+    return [[n for n, p in named if p.dim() >= 2 and "embed" not in n],
+            [n for n, p in named if p.dim() < 2 or "embed" in n]]
+
+
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed" in n]
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    params = dict(model.named_parameters())
+    decay, no_decay = optimizer_param_names(model)
+    groups = [{"params": [params[n] for n in decay], "weight_decay": cfg.train.weight_decay},
+              {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95))
 
 
@@ -75,10 +89,12 @@ def probe_batch(val: dict[str, torch.Tensor], tokens_per_domain: int = 256) -> t
 
 
 @torch.no_grad()
-def expert_vendi_by_layer(model: MoETransformer, probe_BS: torch.Tensor) -> list[float]:
+def expert_vendi_by_layer(model: MoETransformer, probe_BS: torch.Tensor, ranks=None) -> list[float]:
     """Vendi score across each MoE layer's experts of their outputs on the probe's hidden states
     entering that layer (captured by forward pre-hooks during one extra eval-mode forward);
-    see :func:`divmoe.diagnostics.expert_output_vendi` (the one ``divmoe analyze`` reports)."""
+    see :func:`divmoe.diagnostics.expert_output_vendi` (the one ``divmoe analyze`` reports).
+    With experts sharded over ``ranks``, every rank runs the same probe and the outputs of all
+    experts are gathered (the score does not depend on the experts' order)."""
     moes = [model.blocks[i].mlp for i in model.moe_layers]
     captured: dict[int, torch.Tensor] = {}
     hooks = [m.register_forward_pre_hook(
@@ -89,15 +105,26 @@ def expert_vendi_by_layer(model: MoETransformer, probe_BS: torch.Tensor) -> list
     finally:
         for h in hooks:
             h.remove()
-    return [expert_output_vendi(every_expert(m.experts, captured[li].reshape(-1, m.d_model)))
-            for li, m in enumerate(moes)]
+    scores = []
+    for li, m in enumerate(moes):
+        out_ETD = every_expert(m.experts, captured[li].reshape(-1, m.d_model))
+        if m.shard is not None:
+            parts = [torch.empty_like(out_ETD) for _ in range(ranks.expert)]
+            dist.all_gather(parts, out_ETD.contiguous(), group=ranks.expert_group)
+            out_ETD = torch.cat(parts)
+        scores.append(expert_output_vendi(out_ETD))
+    return scores
 
 
 @torch.no_grad()
 def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: int,
-             probe_tokens_per_domain: int = 256) -> Evaluation:
+             probe_tokens_per_domain: int = 256, ranks=None) -> Evaluation:
     """Validation loss per domain (bits per byte: the tokenizer is byte-level), MaxVio, loads
-    and the expert-output Vendi score on the fixed probe (``probe_tokens_per_domain``; 0 = off)."""
+    and the expert-output Vendi score on the fixed probe (``probe_tokens_per_domain``; 0 = off).
+
+    With ``ranks`` (a distributed run) every rank scores its share of each validation batch's
+    sequences and the sums are reduced, so every rank returns the whole validation set's
+    numbers; a batch's MaxVio comes from its counts summed over the ranks."""
     model.eval()
     domains = sorted(val)
     moe_layers = model.moe_layers
@@ -109,16 +136,31 @@ def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: in
     act_sum, act_tokens = torch.zeros(L, dtype=torch.float64), torch.zeros(L, dtype=torch.float64)
     for di, d in enumerate(domains):
         for chunk in val[d].split(batch_size):
+            if ranks is not None:
+                chunk = chunk.tensor_split(ranks.world)[ranks.rank]
             out = model(chunk[:, :-1], chunk[:, 1:])
-            loss_sum[d] += float(out.loss) * chunk[:, 1:].numel()
-            tokens[d] += chunk[:, 1:].numel()
+            if chunk.shape[0]:  # a rank may hold none of a short batch (its mean is NaN)
+                loss_sum[d] += float(out.loss) * chunk[:, 1:].numel()
+                tokens[d] += chunk[:, 1:].numel()
+            load_LE = torch.zeros(L, E, dtype=torch.float64)
             for li, s in enumerate(out.stats):
                 counts_LED[li, :, di] += count_per_expert(s.expert_ids, E)  # chosen experts
-                vio_sum[li] += float(s.max_vio)
+                load_LE[li] = s.tokens_per_expert.double()
                 act_sum[li] += float(s.activated_params_mean) * s.num_tokens
                 act_tokens[li] += s.num_tokens
+            if ranks is not None and L:
+                load_LE = ranks.sum(load_LE)
+            for li in range(L):
+                vio_sum[li] += float(max_vio(load_LE[li]))
             vio_batches += 1
     model.train()
+    if ranks is not None:
+        sums = ranks.sum(torch.tensor([[loss_sum[d], tokens[d]] for d in domains],
+                                      dtype=torch.float64))
+        loss_sum = {d: float(sums[i, 0]) for i, d in enumerate(domains)}
+        tokens = {d: int(sums[i, 1]) for i, d in enumerate(domains)}
+        counts_LED = ranks.sum(counts_LED)
+        act_sum, act_tokens = ranks.sum(act_sum), ranks.sum(act_tokens)
     bpb = {d: loss_sum[d] / tokens[d] / LN2 for d in domains}
     val_loss = sum(loss_sum.values()) / sum(tokens.values())
     row = {"val_loss": val_loss, "val_bpb": val_loss / LN2, "val_bpb_by_domain": bpb}
@@ -134,7 +176,7 @@ def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: in
                activated_params_mean=float((act_sum / act_tokens.clamp_min(1)).mean()))
     if probe_tokens_per_domain:
         model.eval()
-        vendi_L = expert_vendi_by_layer(model, probe_batch(val, probe_tokens_per_domain))
+        vendi_L = expert_vendi_by_layer(model, probe_batch(val, probe_tokens_per_domain), ranks)
         model.train()
         row.update(expert_vendi=sum(vendi_L) / len(vendi_L), expert_vendi_by_layer=vendi_L)
     routing = {"domains": domains, "layers": moe_layers, "counts": counts_LED.tolist()}
@@ -201,14 +243,43 @@ def train(out: str | Path, config: RunConfig | None = None, resume: bool = False
           progress: bool = True, stop_after: int | None = None, report: bool = True) -> TrainResult:
     """Train (or resume) a run in ``out``. ``stop_after`` ends the run early at that step as if
     interrupted (used to test resuming); ``report=False`` skips report.html (proxy runs).
-    The run folder is locked while this runs."""
-    run_dir = check_output_folder(out)
-    if resume and not (run_dir / "config.yaml").is_file():
-        raise RunError(f"--resume: {run_dir} holds no run (no config.yaml); start it without "
-                       f"--resume")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with locked_run(run_dir):
-        return _train(run_dir, config, resume, progress, stop_after, report)
+    The run folder is locked while this runs.
+
+    Under ``torchrun`` (WORLD_SIZE > 1), or with a process group already initialised, every
+    rank calls this: each trains on its shard of every batch, the experts are sharded over
+    ``parallel.expert`` ranks, and rank 0 writes the run folder (:mod:`divmoe.parallel.ranks`).
+    """
+    parallel = config.parallel if config is not None else ParallelConfig()
+    ranks = None
+    if launched_distributed() or (dist.is_initialized() and dist.get_world_size() > 1):
+        ranks = init_ranks(parallel.expert)
+    elif parallel.expert > 1:
+        raise ConfigError(f"parallel.expert={parallel.expert} needs {parallel.expert} or more "
+                          f"processes: launch with torchrun --nproc-per-node "
+                          f"{parallel.expert} -m divmoe train ...")
+
+    def open_run_folder(stack: contextlib.ExitStack) -> Path:
+        run_dir = check_output_folder(out)
+        if resume and not (run_dir / "config.yaml").is_file():
+            raise RunError(f"--resume: {run_dir} holds no run (no config.yaml); start it "
+                           f"without --resume")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        stack.enter_context(locked_run(run_dir))
+        return run_dir
+
+    try:
+        with contextlib.ExitStack() as stack:
+            run_dir = ranks.agree(open_run_folder, stack) if ranks else open_run_folder(stack)
+            return _train(run_dir, config, resume, progress, stop_after, report, ranks, parallel)
+    finally:
+        if ranks is not None and ranks.owns_group:
+            dist.destroy_process_group()
+
+
+def _placement(path):
+    if path is None:
+        return None
+    raise ConfigError("parallel.placement is not wired yet")
 
 
 def _log(msg: str) -> None:
@@ -216,16 +287,24 @@ def _log(msg: str) -> None:
 
 
 def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool,
-           stop_after: int | None, report: bool) -> TrainResult:
+           stop_after: int | None, report: bool, ranks, parallel: ParallelConfig) -> TrainResult:
+    writer = ranks is None or ranks.is_writer
+    log = _log if writer else (lambda msg: None)
+
+    def on_writer(fn, *args):  # file writes: rank 0's, and its failure stops every rank
+        return ranks.agree(fn, *args) if ranks else fn(*args)
+
     if resume:
         saved = load_config(run_dir / "config.yaml")
+        saved.parallel = parallel  # the process layout may change on resume
         if config is not None and to_dict(config) != to_dict(saved):
             # Only the length of the run may change on resume; anything else would not be a resume.
             a, b = to_dict(config), to_dict(saved)
             a["train"]["steps"] = b["train"]["steps"]
             if a != b:
                 raise ConfigError("--resume: the configuration differs from the saved "
-                                  f"{run_dir / 'config.yaml'}; only train.steps may change")
+                                  f"{run_dir / 'config.yaml'}; only train.steps may change "
+                                  f"(and parallel.*, the process layout)")
             saved.train.steps = config.train.steps
         config = saved
     else:
@@ -237,23 +316,29 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
 
+    if ranks is not None:
+        check_run_parallel(cfg, ranks)
+    elif cfg.parallel.placement:
+        raise ConfigError("parallel.placement applies under torchrun with parallel.expert > 1")
+
     torch.manual_seed(cfg.train.seed)
     model = MoETransformer(cfg.model, cfg.moe)
     optimizer = build_optimizer(model, cfg)
+    params = model.param_counts()  # of the whole model, before any sharding
     metrics_path = run_dir / "metrics.jsonl"
     state = {"step": 0, "loss_sum": 0.0, "loss_count": 0, "train_time": 0.0, "tokens_seen": 0,
              "elapsed": 0.0}
     metrics: list[dict] = []
     if resume:
         metrics = _read_metrics(metrics_path)
-        loaded = load_latest(run_dir, model, optimizer, log=_log)
+        loaded = load_latest(run_dir, model, optimizer, log=log)
         if loaded is None and any(r.get("step", 0) > 0 for r in metrics):
             raise RunError(f"--resume: {run_dir} has metrics up to step "
                            f"{max(r['step'] for r in metrics)} but no checkpoint (checkpoint/ "
                            f"and checkpoint.prev/ are gone), so it cannot continue; remove "
                            f"{run_dir} to start over, or choose another --out")
         if loaded is None:  # killed before its first checkpoint: nothing was done yet
-            _log(f"{run_dir} has no checkpoint yet: starting it from step 0")
+            log(f"{run_dir} has no checkpoint yet: starting it from step 0")
             resume, metrics = False, []
         else:
             state = loaded[1]
@@ -261,7 +346,18 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
                 raise ConfigError(f"--resume: train.steps={cfg.train.steps} but {loaded[0]} is "
                                   f"already at step {state['step']}; train.steps may only stay "
                                   f"or grow on resume")
-    atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    if ranks is not None and ranks.expert > 1:
+        # The checkpoint holds the single-process state; each rank keeps its experts of it.
+        full_names = optimizer_param_names(model)
+        full_named = named_optimizer_state(optimizer, sum(full_names, []))
+        model.shard_experts(ranks.expert_group, _placement(cfg.parallel.placement))
+        optimizer = build_optimizer(model, cfg)
+        shard_names = optimizer_param_names(model)
+        optimizer.load_state_dict(optimizer_state_from_named(
+            shard_optimizer_named(model, full_named), optimizer, shard_names))
+    if ranks is not None:
+        ranks.agree(lambda: None)  # every rank has read the run folder before rank 0 writes it
+    on_writer(atomic_write_text, run_dir / "config.yaml", dump_yaml(cfg))
     train_docs, val_docs = load_splits(cfg.data.corpus, cfg.model.seq_len, cfg.data.val_fraction)
     names = sorted({d.domain for d in train_docs})
     unknown = sorted(set(cfg.data.weights or {}) - set(names))
@@ -276,18 +372,26 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
     if resume:
         torch.set_rng_state(state.pop("rng"))  # here, where the uninterrupted run's RNG stands
         metrics = [r for r in metrics if r["step"] <= state["step"]]
-        _rewrite_metrics(metrics_path, metrics)
+        on_writer(_rewrite_metrics, metrics_path, metrics)
         if "mix_weights" in state:
             sampler.set_weights(state["mix_weights"])
     elif metrics_path.exists():
-        metrics_path.unlink()
+        on_writer(metrics_path.unlink, True)
 
-    params = model.param_counts()
     unigram = unigram_entropy_bits(train_docs)
 
     def checkpoint():
-        save_checkpoint(run_dir, model, {**state, "optimizer": optimizer.state_dict(),
-                                         "rng": torch.get_rng_state()})
+        full = {**state, "rng": torch.get_rng_state()}
+        if ranks is not None and ranks.expert > 1:  # every rank sends its experts to rank 0
+            weights = full_model_state(model, ranks)
+            named = full_optimizer_named(model, optimizer, sum(optimizer_param_names(model), []),
+                                         ranks)
+            if writer:
+                full["optimizer"] = optimizer_state_from_named(named, optimizer, full_names)
+        else:
+            weights = model.state_dict()
+            full["optimizer"] = optimizer.state_dict()
+        on_writer(save_checkpoint, run_dir, weights, full)
 
     def write_summary(interrupted: bool):
         _write_json_atomic(run_dir / "summary.json", {
@@ -295,8 +399,16 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
             "wall_time_s": state["elapsed"], "steps": state["step"], "interrupted": interrupted,
             **params, "final": metrics[-1] if metrics else None})
 
+    def record(row, routing):
+        with open(metrics_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if scalar_log is not None:
+            scalar_log.write(row)
+        if routing is not None:
+            _write_json_atomic(run_dir / "routing.json", routing)
+
     def run_eval():
-        ev = evaluate(model, val, cfg.train.eval_batch_size)
+        ev = evaluate(model, val, cfg.train.eval_batch_size, ranks=ranks)
         row = {"step": state["step"],
                "train_loss": state["loss_sum"] / state["loss_count"] if state["loss_count"] else None,
                **ev.row,
@@ -304,19 +416,14 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
                "elapsed_s": state["elapsed"], "lr": lr_at(max(state["step"] - 1, 0), cfg),
                "mix_weights": dict(sampler.weights)}
         metrics.append(row)
-        with open(metrics_path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        if scalar_log is not None:
-            scalar_log.write(row)
-        if ev.routing is not None:
-            _write_json_atomic(run_dir / "routing.json", ev.routing)
+        on_writer(record, row, ev.routing)
         state.update(loss_sum=0.0, loss_count=0, train_time=0.0, tokens_seen=0)
         checkpoint()
         return row
 
-    scalar_log = ScalarLog(run_dir, state["step"]) if tensorboard_available() else None
+    scalar_log = ScalarLog(run_dir, state["step"]) if writer and tensorboard_available() else None
     steps = cfg.train.steps
-    bar = tqdm(total=steps, initial=state["step"], disable=not progress, unit="step",
+    bar = tqdm(total=steps, initial=state["step"], disable=not (progress and writer), unit="step",
                dynamic_ncols=True, desc=f"train {run_dir.name}")
     interrupted = False
     t_start = time.perf_counter() - state["elapsed"]
@@ -325,7 +432,10 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
         if state["step"] == 0 and not metrics:
             run_eval()
         while state["step"] < steps:
-            if ctrl_c.requested or (stop_after is not None and state["step"] >= stop_after):
+            stop = ctrl_c.requested or (stop_after is not None and state["step"] >= stop_after)
+            if ranks is not None:  # a Ctrl-C reaches the ranks at different steps: stop together
+                stop = bool(ranks.sum(torch.tensor(float(stop))))
+            if stop:
                 interrupted = True
                 break
             t0 = time.perf_counter()
@@ -333,14 +443,16 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
             accum = cfg.train.grad_accum
             batches = [sampler.batch(step * accum + j, cfg.train.batch_size)[0]
                        for j in range(accum)]
+            step_tokens = sum(b[:, :-1].numel() for b in batches)
+            if ranks is not None:  # this rank's equal share of every micro-batch
+                batches = [b.tensor_split(ranks.world)[ranks.rank] for b in batches]
             try:
                 result = train_step(model, optimizer, batches, cfg.train.grad_clip,
-                                    lr=lr_at(step, cfg))
+                                    lr=lr_at(step, cfg), ranks=ranks)
             except FloatingPointError as exc:
                 raise FloatingPointError(f"{exc} at step {step}; the last checkpoint in "
                                          f"{run_dir} is intact (lower train.lr?)") from None
             ce_mean = float(result.loss)
-            step_tokens = sum(b[:, :-1].numel() for b in batches)
             state["step"] += 1
             state["loss_sum"] += ce_mean
             state["loss_count"] += 1
@@ -358,7 +470,9 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
         # A second Ctrl-C: the step in flight may be half-applied, so keep the last checkpoint.
         bar.close()
         ctrl_c.restore()
-        print(f"aborted; {run_dir / 'checkpoint'} holds the last complete state", file=sys.stderr)
+        if writer:
+            print(f"aborted; {run_dir / 'checkpoint'} holds the last complete state",
+                  file=sys.stderr)
         raise
     finally:
         bar.close()
@@ -367,11 +481,11 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
             scalar_log.close()
     if interrupted:
         checkpoint()  # nothing lost: the running-loss state is in the checkpoint too
-        if ctrl_c.requested:
+        if ctrl_c.requested and writer:
             print(f"interrupted at step {state['step']}; continue with --resume", file=sys.stderr)
     state["elapsed"] = time.perf_counter() - t_start
-    write_summary(interrupted)
+    on_writer(write_summary, interrupted)
     if report:
         from ..report import write_report
-        write_report(run_dir)
+        on_writer(write_report, run_dir)
     return TrainResult(run_dir, metrics, interrupted)

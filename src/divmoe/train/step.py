@@ -5,6 +5,11 @@ Per step: set the learning rate (if given), clear gradients, start the Balancer'
 then for every micro-batch forward with targets (the model computes the cross-entropy) and
 backward (ce + aux) / n; one finite check of the step's loss (the step's only host read),
 gradient-norm clip, optimizer step, balancer update.
+
+With ``ranks`` (a distributed run, :mod:`divmoe.parallel.ranks`) each rank passes its own
+shard of every micro-batch; after the backward passes the gradients are reduced over the
+ranks, the loss is averaged over them (so every rank makes the same finite check and
+reports the run's loss), and the clip uses the norm of the whole model's gradient.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ class StepResult(NamedTuple):
 
 
 def train_step(model, optimizer: torch.optim.Optimizer, micro_batches: Sequence[torch.Tensor],
-               grad_clip: float = 0.0, lr: float | None = None) -> StepResult:
+               grad_clip: float = 0.0, lr: float | None = None, ranks=None) -> StepResult:
     """``micro_batches``: token windows [B, S+1] each (inputs ``[:, :-1]``, targets ``[:, 1:]``).
 
     Raises FloatingPointError, before the optimizer step, if the loss is not finite: the
@@ -41,9 +46,17 @@ def train_step(model, optimizer: torch.optim.Optimizer, micro_batches: Sequence[
         ce_sum = ce_sum + out.loss.detach()
         total_sum = total_sum + loss.detach()
         stats = out.stats
+    if ranks is not None:
+        from ..parallel.ranks import clip_grad_norm, sync_gradients
+
+        sync_gradients(model, ranks)
+        both = ranks.sum(torch.stack([ce_sum, total_sum]).double()) / ranks.world
+        ce_sum, total_sum = both[0].to(ce_sum.dtype), both[1]
     if not torch.isfinite(total_sum):
         raise FloatingPointError(f"loss became {float(total_sum / n)}")
-    if grad_clip > 0:
+    if grad_clip > 0 and ranks is not None:
+        clip_grad_norm(model, grad_clip, ranks)
+    elif grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     model.update_balancers()
