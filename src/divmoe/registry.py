@@ -20,6 +20,7 @@ from .dispatch import DISPATCHERS
 from .diversity import regularizers
 from .experts import EXPERT_LAYOUTS
 from .moe_config import LAYER_SETTINGS, MoEConfig
+from .parallel.expert_parallel import under_expert_parallelism
 from .routing import ROUTERS
 
 _FIELD_ORDER = {f.name: i for i, f in enumerate(dataclasses.fields(MoEConfig))}
@@ -99,6 +100,8 @@ def format_listing(rows: list[Component] | None = None) -> str:
             lines.append(f"  {r.name:{width}s}{r.description}")
             uses = ", ".join(f"moe.{s}" for s in r.settings) or "(no settings)"
             lines.append(f"  {'':{width}s}settings: {uses}")
+            lines.append(f"  {'':{width}s}experts sharded over ranks: "
+                         f"{under_expert_parallelism(r.kind, r.name)}")
         lines.append("")
     lines.append("Every layer also reads " + ", ".join(f"moe.{s}" for s in LAYER_SETTINGS)
                  + "; `divmoe config` lists every setting with its default and its readers.")

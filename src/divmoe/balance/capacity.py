@@ -136,7 +136,9 @@ class Capacity:
     ``Capacity(cfg)(plan) -> plan``.
 
     Its host reads (overflow tests, reroute rounds) are the price of a batch-dependent
-    transform; the default layer has no capacity and so none of them.
+    transform; the default layer has no capacity and so none of them. Under expert
+    parallelism C counts the rank's tokens: each expert takes up to C slots from each rank
+    (``divmoe.parallel.TOKEN_SETS``).
     """
 
     settings = ("capacity_factor", "capacity_overflow")

@@ -36,6 +36,31 @@ from .all_to_all import exchange, exchange_counts
 TOKEN_SETS = {"expert_choice": "the rank's tokens (each expert takes its top-C of them)",
               "sinkhorn": "the rank's tokens (balanced over the rank's batch)",
               "capacity": "the rank's tokens (capacity C per expert and rank)"}
+# Why what cannot run sharded is refused (kind, name): "*" is every name of that kind.
+REFUSED = {("router", "soft_merge"): "a merged expert averages the weights of every expert, "
+                                     "which no rank holds",
+           ("diversity", "*"): "the regularisers run every expert on the same probe tokens, "
+                               "and each rank holds only its own experts"}
+_SHARDED = {("balancer", "aux_loss"): "micro_batch and sequence scopes: the rank's tokens; "
+                                      "global_batch: counts summed over all ranks",
+            ("balancer", "loss_free_bias"): "loads summed over all ranks before each update: "
+                                            "one bias on every rank",
+            ("expert_layout", "lora"): "sharded by expert; the frozen base is replicated",
+            ("expert_layout", "swiglu"): "sharded by expert (stacked or width buckets)",
+            ("dispatch", "*"): "runs the rank's local experts on the rows it receives"}
+
+
+def under_expert_parallelism(kind: str, name: str) -> str:
+    """What a component does when the experts are sharded over ranks (for ``divmoe list``)."""
+    for key in ((kind, name), (kind, "*")):
+        if key in REFUSED:
+            return "refused: " + REFUSED[key]
+    if name in TOKEN_SETS:
+        return "decides over " + TOKEN_SETS[name]
+    for key in ((kind, name), (kind, "*")):
+        if key in _SHARDED:
+            return _SHARDED[key]
+    return "per token, as in one process"
 
 
 def check_expert_parallel(cfg, world: int, prefix: str = "moe.") -> None:
@@ -44,14 +69,12 @@ def check_expert_parallel(cfg, world: int, prefix: str = "moe.") -> None:
         raise ConfigError(f"{prefix}num_experts={cfg.num_experts} is not allowed with expert "
                           f"parallelism over {world} ranks: each rank holds num_experts/ranks "
                           f"experts, so {world} must divide it")
-    if cfg.router == "soft_merge":
-        raise ConfigError(f"{prefix}router='soft_merge' is not allowed with expert parallelism: "
-                          f"a merged expert averages the weights of every expert, which no "
-                          f"rank holds")
+    if ("router", cfg.router) in REFUSED:
+        raise ConfigError(f"{prefix}router={cfg.router!r} is not allowed with expert "
+                          f"parallelism: {REFUSED[('router', cfg.router)]}")
     if cfg.diversity:
         raise ConfigError(f"{prefix}diversity={cfg.diversity!r} is not allowed with expert "
-                          f"parallelism: the regularisers run every expert on the same probe "
-                          f"tokens, and each rank holds only its own experts")
+                          f"parallelism: {REFUSED[('diversity', '*')]}")
 
 
 def check_placement(experts_by_rank: list[list[int]], num_experts: int, world: int) -> None:

@@ -12,6 +12,10 @@ Each expert's load is exactly C by construction, so no balancing loss is needed.
 that selection looks at all T tokens of the batch at once, so in a causal LM a token's
 routing depends on other (including later) tokens. ``selection_bias_E`` cannot change a
 per-expert ranking of tokens, so only an all-zero bias is accepted.
+
+Under expert parallelism each rank routes its own tokens: every expert takes its top-C of
+the rank's T tokens (C from the rank's T), so an expert's load is C per rank, not C of the
+whole batch (``divmoe.parallel.TOKEN_SETS``).
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ from detached logits). Combine weights are the softmax probabilities of the chos
 The balancing uses every token of the batch, so in a causal LM a token's routing depends
 on the other tokens (BASE balances at training time; this router balances always). A
 selection bias would fight the balancing, so only a zero bias is accepted.
+
+Under expert parallelism each rank balances its own tokens (column sums T_rank / E), not the
+whole batch (``divmoe.parallel.TOKEN_SETS``).
 """
 
 from __future__ import annotations
