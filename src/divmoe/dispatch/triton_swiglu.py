@@ -56,6 +56,9 @@ def triton_dispatch_combine(x_TD: torch.Tensor, plan: RoutingPlan, experts,
     if layout_kind(type(experts)) != "bucketed":
         raise ValueError(f"moe.dispatch='triton' runs SwiGLU expert layouts, got "
                          f"{type(experts).__name__}: use moe.dispatch='grouped'")
+    if x_TD.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"moe.dispatch='triton' runs float32, bfloat16 and float16 (it "
+                         f"accumulates in float32), got {x_TD.dtype}: use moe.dispatch='grouped'")
     if plan.num_tokens == 0:
         return torch.zeros_like(x_TD)
     rows = routed_rows(x_TD, plan, experts.row_order())
