@@ -52,7 +52,7 @@ def dispatch_combine(x_TD: torch.Tensor, plan: RoutingPlan, experts,
     rows = routed_rows(x_TD, plan, experts.row_order() if bucketed else None)
     if bucketed:
         buckets = experts.buckets()
-        chunks = plan_chunks(rows.counts, buckets, x_TD)
+        chunks = plan_chunks(rows.counts, buckets, x_TD, counts_E=rows.counts_E)
         return routed_swiglu(x_TD, rows.token_R, rows.weight_R, buckets, chunks,
                              save_hidden=not recompute_hidden)
     with torch.profiler.record_function("divmoe.dispatch"):
@@ -96,7 +96,8 @@ def routed_rows(x_TD: torch.Tensor, plan: RoutingPlan,
 
 
 def plan_chunks(counts: list[int], buckets, x_TD: torch.Tensor,
-                chunk_bytes: int | None = None) -> list[Chunk]:
+                chunk_bytes: int | None = None,
+                counts_E: torch.Tensor | None = None) -> list[Chunk]:
     """Cut the routed rows into chunks of whole experts, bucket by bucket.
 
     ``counts``: rows of each expert in row order (the buckets' experts in turn). A chunk
@@ -110,7 +111,8 @@ def plan_chunks(counts: list[int], buckets, x_TD: torch.Tensor,
     chunks, lo, r = [], 0, 0
     for b, (w_in, _) in enumerate(buckets):
         E_b = w_in.shape[0]
-        bucket_counts, lo = counts[lo:lo + E_b], lo + E_b
+        first, lo = lo, lo + E_b
+        bucket_counts = counts[first:lo]
         if not any(bucket_counts):
             continue
         width = max(w_in.shape[1], w_in.shape[2])
@@ -124,9 +126,10 @@ def plan_chunks(counts: list[int], buckets, x_TD: torch.Tensor,
             rows += n
         for e0, e1 in zip(start, start[1:] + [E_b]):
             offs = list(accumulate(bucket_counts[e0:e1]))
-            # Built on the host and copied without blocking: a blocking copy from pageable
-            # memory is a stream synchronisation on CUDA, as much a stall as a host read.
-            offs_t = torch.tensor(offs, dtype=torch.int32).to(x_TD.device, non_blocking=True)
+            if counts_E is None:
+                offs_t = torch.tensor(offs, dtype=torch.int32, device=x_TD.device)
+            else:  # cut on the device: a host → device copy on CUDA waits for the stream
+                offs_t = counts_E[first + e0:first + e1].cumsum(0).to(torch.int32)
             chunks.append(Chunk(b, e0, e1, r, r + offs[-1], offs_t, [0] + offs))
             r += offs[-1]
     return chunks
