@@ -39,9 +39,9 @@ def plan_for(ids, weights, E):
 def run(fn, experts, ids, x, w, **kw):
     """fn's output and the gradients of a fixed random projection of it: input, routing
     weights, then each expert parameter (None where it got none)."""
-    experts.zero_grad(set_to_none=True)
-    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
-    y = fn(x, plan_for(ids, w, len(experts.expert_sizes())), experts, **kw)
+    experts.to(DEVICE).zero_grad(set_to_none=True)
+    x, w = x.to(DEVICE).clone().requires_grad_(), w.to(DEVICE).clone().requires_grad_()
+    y = fn(x, plan_for(ids.to(DEVICE), w, len(experts.expert_sizes())), experts, **kw)
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y)
     (y * g).sum().backward()
     return [y.detach(), x.grad, w.grad] + [p.grad for p in experts.parameters()]
@@ -119,10 +119,10 @@ def test_recompute_hidden_equals_saved_hidden():
 
 
 def test_second_backward_through_a_retained_graph():
-    experts = StackedSwiGLU(5, 8, 4)
-    x = torch.randn(7, 8, requires_grad=True)
-    w = torch.rand(7, 2, requires_grad=True)
-    y = triton_dispatch_combine(x, plan_for(IDS, w, 5), experts)
+    experts = StackedSwiGLU(5, 8, 4).to(DEVICE)
+    x = torch.randn(7, 8, device=DEVICE, requires_grad=True)
+    w = torch.rand(7, 2, device=DEVICE, requires_grad=True)
+    y = triton_dispatch_combine(x, plan_for(IDS.to(DEVICE), w, 5), experts)
     y.sum().backward(retain_graph=True)
     first = [t.grad.clone() for t in (x, w, *experts.parameters())]
     y.sum().backward()
@@ -131,25 +131,25 @@ def test_second_backward_through_a_retained_graph():
 
 
 def test_frozen_experts_and_constant_weights_get_only_the_input_gradient():
-    experts = StackedSwiGLU(5, 8, 4).requires_grad_(False)
-    w = torch.rand(7, 2)
+    experts = StackedSwiGLU(5, 8, 4).requires_grad_(False).to(DEVICE)
+    w = torch.rand(7, 2, device=DEVICE)
     grads = []
     for fn in (triton_dispatch_combine, reference_dispatch_combine):
-        x = torch.randn(7, 8, generator=torch.Generator().manual_seed(9)).requires_grad_()
-        fn(x, plan_for(IDS, w, 5), experts).square().sum().backward()
+        x = torch.randn(7, 8, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+        fn(x.requires_grad_(), plan_for(IDS.to(DEVICE), w, 5), experts).square().sum().backward()
         grads.append(x.grad)
     torch.testing.assert_close(*grads)
     assert all(p.grad is None for p in experts.parameters())
 
 
 def test_all_slots_empty_and_no_tokens():
-    experts = StackedSwiGLU(3, 4, 2)
-    x = torch.randn(2, 4)
-    ids = torch.full((2, 2), -1)
-    assert torch.equal(triton_dispatch_combine(x, plan_for(ids, torch.zeros(2, 2), 3), experts),
-                       torch.zeros(2, 4))
-    empty = torch.zeros(0, 2, dtype=torch.int64)
-    assert triton_dispatch_combine(x[:0], plan_for(empty, torch.zeros(0, 2), 3),
+    experts = StackedSwiGLU(3, 4, 2).to(DEVICE)
+    x = torch.randn(2, 4, device=DEVICE)
+    ids = torch.full((2, 2), -1, device=DEVICE)
+    zeros = torch.zeros(2, 2, device=DEVICE)
+    assert torch.equal(triton_dispatch_combine(x, plan_for(ids, zeros, 3), experts),
+                       torch.zeros_like(x))
+    assert triton_dispatch_combine(x[:0], plan_for(ids[:0], zeros[:0], 3),
                                    experts).shape == (0, 4)
 
 
@@ -181,7 +181,8 @@ def test_layer_matches_reference_layer(kw):
 
 def test_forward_backward_read_only_the_row_counts():
     moe = MoE(10, MoEConfig(dispatch="triton", num_experts=4, expert_widths=[3, 7, 3, 5]))
-    x = torch.randn(12, 10, requires_grad=True)
+    moe.to(DEVICE)
+    x = torch.randn(12, 10, device=DEVICE, requires_grad=True)
     moe(x)
     with count_host_reads() as where:
         out = moe(x)
@@ -197,8 +198,9 @@ def test_refuses_what_it_cannot_run(monkeypatch):
     with pytest.raises(ConfigError, match="dispatch='triton' is not allowed.*soft_merge"):
         MoE(4, MoEConfig(dispatch="triton", router="soft_merge"))
     with pytest.raises(ValueError, match="float32, bfloat16 and float16.*float64"):
-        triton_dispatch_combine(torch.randn(7, 4, dtype=torch.float64),
-                                plan_for(IDS, torch.rand(7, 2), 5), StackedSwiGLU(5, 4, 3).double())
+        triton_dispatch_combine(torch.randn(7, 4, dtype=torch.float64, device=DEVICE),
+                                plan_for(IDS.to(DEVICE), torch.rand(7, 2, device=DEVICE), 5),
+                                StackedSwiGLU(5, 4, 3).to(DEVICE, torch.float64))
     monkeypatch.setattr(triton_kernels, "interpreting", lambda: False)
     monkeypatch.setattr("divmoe.dispatch.triton_swiglu.interpreting", lambda: False)
     if not torch.cuda.is_available():

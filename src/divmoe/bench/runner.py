@@ -374,7 +374,8 @@ def run(args: argparse.Namespace, argv=None) -> dict:
     if args.train:
         from .train import bench_train
         log(f"train: default MoETransformer vs dense (load average {loadavg()})")
-        out["train"] = bench_train(args.set, args.train_steps, max(1, args.warmup), args.seed, log)
+        out["train"] = bench_train(args.set, args.train_steps, max(1, args.warmup), args.seed, log,
+                                   args.device)
     out["meta"]["loadavg_end"] = loadavg()
     out["meta"]["wall_s"] = time.perf_counter() - t0
     out["targets"] = evaluate_targets(out)
