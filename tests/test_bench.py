@@ -132,6 +132,18 @@ def test_cuda_adds_the_fine_grained_shape_and_gpu_targets(monkeypatch):
                    "divmoe[triton] peak fwd+bwd memory / dense": True}
 
 
+def test_gpu_check_script_parses_and_names_files_that_exist():
+    import re
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    script = root / "benchmarks" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    named = set(re.findall(r"tests/test_\w+\.py", script.read_text()))
+    assert named == {"tests/test_cuda.py", "tests/test_triton_dispatch.py"}
+    assert all((root / n).is_file() for n in named)
+
+
 def test_wrapper_script_and_bad_shape():
     from pathlib import Path
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_layer.py"
