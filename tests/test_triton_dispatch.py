@@ -164,6 +164,17 @@ def test_other_row_tile_sizes(monkeypatch):
     assert_matches_reference(StackedSwiGLU(5, 20, 24), ids, 20, atol=1e-4, rtol=1e-4)
 
 
+def test_autotuning_between_configs_keeps_every_bucket_s_rows(monkeypatch):
+    """Two configs: each launch is timed once per config before the pick, on outputs shared by
+    the width buckets (the slot rows) and on ∂w partial sums that must restart at zero."""
+    monkeypatch.setattr(triton_kernels, "_device_configs", lambda device: [
+        triton_kernels.triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 16}, num_warps=1)
+        for m, n in ((16, 16), (32, 32))])
+    torch.manual_seed(10)
+    ids = torch.randint(0, 4, (20, 2), generator=torch.Generator().manual_seed(10))
+    assert_matches_reference(HeteroSwiGLU([6, 40, 6, 40], 16), ids, 16, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("kw", [
     dict(num_experts=6, top_k=2, expert_hidden=5),
     dict(num_experts=4, top_k=2, expert_widths=[3, 7, 3, 5], num_shared_experts=1),

@@ -18,15 +18,17 @@ Two kernels, each with compile-time switches for what it fuses:
 Operands are bf16, fp16 or fp32; products accumulate in fp32 (fp32 operands without TF32, as
 torch's default matmul). Block sizes are autotuned on the device's first call per shape: a
 set for compute capability 9.0 (Hopper), one sane config elsewhere, one small config under
-Triton's CPU interpreter (``TRITON_INTERPRET=1``, the tests), whose ``tl.dot`` of bf16
-operands is wrong (triton 3.9 multiplies their raw bits), so there bf16 tiles are widened to
-fp32 before the dot: the interpreter checks the indexing and the fusion, not bf16 rounding.
+Triton's CPU interpreter (``TRITON_INTERPRET=1``, the tests; configs there are timed by wall
+clock). The interpreter's ``tl.dot`` of bf16 operands is wrong (triton 3.9 multiplies their
+raw bits), so there bf16 tiles are widened to fp32 before the dot: the interpreter checks the
+indexing and the fusion, not bf16 rounding.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import time
 
 import torch
 import triton
@@ -87,7 +89,7 @@ def _rows_gemm_kernel(a_ptr, a_idx_ptr, b_ptr, c_ptr, c_idx_ptr, ends_ptr, w_ptr
                       E, N, K, stride_a, stride_be, stride_bk, stride_bn, stride_c, stride_h,
                       stride_dw,
                       E_POW2: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
-                      SWIGLU_IN: tl.constexpr, SWIGLU_GRAD: tl.constexpr,
+                      SWIGLU_IN: tl.constexpr, SWIGLU_GRAD: tl.constexpr, ROW_WEIGHT: tl.constexpr,
                       UPCAST: tl.constexpr, IEEE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -105,12 +107,18 @@ def _rows_gemm_kernel(a_ptr, a_idx_ptr, b_ptr, c_ptr, c_idx_ptr, ends_ptr, w_ptr
     rm = tl.sum(tl.where(this, starts, 0), 0) + (pid_m - first_tile) * BLOCK_M \
         + tl.arange(0, BLOCK_M)
     row_ok = rm < row_end
+    rm64 = rm.to(tl.int64)  # row × width offsets pass 2³¹ at production sizes
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = rn < N
     rk = tl.arange(0, BLOCK_K)
-    a_rows = tl.load(a_idx_ptr + rm, mask=row_ok, other=0) if GATHER else rm
-    w = tl.load(w_ptr + rm, mask=row_ok, other=0.0).to(tl.float32) if SWIGLU_IN or SWIGLU_GRAD \
-        else 0.0
+    if GATHER:
+        a_rows = tl.load(a_idx_ptr + rm, mask=row_ok, other=0).to(tl.int64)
+    else:
+        a_rows = rm64
+    if ROW_WEIGHT:
+        w = tl.load(w_ptr + rm, mask=row_ok, other=0.0).to(tl.float32)
+    else:
+        w = tl.zeros((BLOCK_M,), dtype=tl.float32)
     b_base = b_ptr + e.to(tl.int64) * stride_be
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -127,20 +135,23 @@ def _rows_gemm_kernel(a_ptr, a_idx_ptr, b_ptr, c_ptr, c_idx_ptr, ends_ptr, w_ptr
     ok = row_ok[:, None] & col_ok[None, :]
     if SWIGLU_GRAD:
         # acc = ∂s for columns rn of the activation (s = w · a, a = silu(gate) · up).
-        gate = tl.load(h_ptr + rm[:, None] * stride_h + rn[None, :], mask=ok, other=0.0)
-        up = tl.load(h_ptr + rm[:, None] * stride_h + N + rn[None, :], mask=ok, other=0.0)
+        gate = tl.load(h_ptr + rm64[:, None] * stride_h + rn[None, :], mask=ok, other=0.0)
+        up = tl.load(h_ptr + rm64[:, None] * stride_h + N + rn[None, :], mask=ok, other=0.0)
         gate = gate.to(tl.float32)
         up = up.to(tl.float32)
         sig = tl.sigmoid(gate)
         silu = gate * sig
         tl.store(dw_ptr + rm * stride_dw + pid_n, tl.sum(acc * silu * up, 1), mask=row_ok)
         grad_a = acc * w[:, None]
-        out = c_ptr + rm[:, None] * stride_c + rn[None, :]
+        out = c_ptr + rm64[:, None] * stride_c + rn[None, :]
         tl.store(out, (grad_a * up * sig * (1.0 + gate * (1.0 - sig))).to(c_ptr.dtype.element_ty),
                  mask=ok)
         tl.store(out + N, (grad_a * silu).to(c_ptr.dtype.element_ty), mask=ok)
     else:
-        c_rows = tl.load(c_idx_ptr + rm, mask=row_ok, other=0) if SCATTER else rm
+        if SCATTER:
+            c_rows = tl.load(c_idx_ptr + rm, mask=row_ok, other=0).to(tl.int64)
+        else:
+            c_rows = rm64
         tl.store(c_ptr + c_rows[:, None] * stride_c + rn[None, :],
                  acc.to(c_ptr.dtype.element_ty), mask=ok)
 
@@ -164,8 +175,14 @@ def _wgrad_kernel(a_ptr, a_idx_ptr, b_ptr, b_idx_ptr, c_ptr, ends_ptr, w_ptr,
     for r0 in range(start, end, BLOCK_K):  # no rows: no iteration, the gradient is zero
         rr = r0 + tl.arange(0, BLOCK_K)
         r_ok = rr < end
-        a_rows = tl.load(a_idx_ptr + rr, mask=r_ok, other=0) if GATHER_A else rr
-        b_rows = tl.load(b_idx_ptr + rr, mask=r_ok, other=0) if GATHER_B else rr
+        if GATHER_A:
+            a_rows = tl.load(a_idx_ptr + rr, mask=r_ok, other=0).to(tl.int64)
+        else:
+            a_rows = rr.to(tl.int64)
+        if GATHER_B:
+            b_rows = tl.load(b_idx_ptr + rr, mask=r_ok, other=0).to(tl.int64)
+        else:
+            b_rows = rr.to(tl.int64)
         a_ok = r_ok[:, None] & m_ok[None, :]
         if SWIGLU_IN:
             w = tl.load(w_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)
@@ -184,14 +201,22 @@ _ROWS_KEY = ["N", "K", "GATHER", "SCATTER", "SWIGLU_IN", "SWIGLU_GRAD"]
 _WGRAD_KEY = ["M", "N", "GATHER_A", "GATHER_B", "SWIGLU_IN"]
 
 
+def _wall_clock(kernel_call, quantiles):
+    """Autotuning's timer under the interpreter, which has no GPU timer: one timed call."""
+    t0 = time.perf_counter()
+    kernel_call()
+    return [(time.perf_counter() - t0) * 1e3] * len(quantiles)
+
+
 @functools.lru_cache(maxsize=None)
 def _tuned(kernel: str, configs: tuple):
     # Autotuning reruns a launch per config: the ∂w partial sums must start at zero each time
     # (a wider BLOCK_N writes fewer of their columns).
+    bench = _wall_clock if interpreting() else None
     if kernel == "rows":
-        return triton.autotune(list(configs), key=_ROWS_KEY, reset_to_zero=["dw_ptr"])(
-            _rows_gemm_kernel)
-    return triton.autotune(list(configs), key=_WGRAD_KEY)(_wgrad_kernel)
+        return triton.autotune(list(configs), key=_ROWS_KEY, reset_to_zero=["dw_ptr"],
+                               do_bench=bench)(_rows_gemm_kernel)
+    return triton.autotune(list(configs), key=_WGRAD_KEY, do_bench=bench)(_wgrad_kernel)
 
 
 def _flags(dtype: torch.dtype) -> dict:
@@ -217,7 +242,10 @@ def rows_gemm(a: torch.Tensor, b_EKN: torch.Tensor, out: torch.Tensor, ends_E: t
     if swiglu_in:
         K = a.shape[1] // 2
     h = swiglu_grad if swiglu_grad is not None else a
-    dw = grad_weight_parts if grad_weight_parts is not None else out
+    # Not ``out``: autotuning zeroes this argument between configs, and ``out`` may hold other
+    # buckets' rows.
+    dw = grad_weight_parts if grad_weight_parts is not None else \
+        torch.empty(1, dtype=torch.float32, device=a.device)
     idx_a = gather if gather is not None else ends_E
     idx_c = scatter if scatter is not None else ends_E
     w = weight if weight is not None else ends_E
@@ -228,9 +256,10 @@ def rows_gemm(a: torch.Tensor, b_EKN: torch.Tensor, out: torch.Tensor, ends_E: t
 
     kernel[grid](a, idx_a, b_EKN, out, idx_c, ends_E, w, h, dw,
                  E, N, K, a.stride(0), *b_EKN.stride(), out.stride(0), h.stride(0), dw.stride(0),
-                 E_POW2=triton.next_power_of_2(E), GATHER=gather is not None,
+                 E_POW2=max(16, triton.next_power_of_2(E)), GATHER=gather is not None,
                  SCATTER=scatter is not None, SWIGLU_IN=swiglu_in,
-                 SWIGLU_GRAD=swiglu_grad is not None, **_flags(b_EKN.dtype))
+                 SWIGLU_GRAD=swiglu_grad is not None, ROW_WEIGHT=weight is not None,
+                 **_flags(b_EKN.dtype))
     return out
 
 
