@@ -44,6 +44,10 @@ DISPATCHERS = {
 }
 
 
+# What the Triton kernels run (they accumulate in float32); auto leaves the rest to grouped.
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def check_dispatch(cfg, prefix: str = "") -> None:
     """Cross-field rules of the execution settings (called by ``MoEConfig.check``)."""
     if cfg.recompute_hidden and (cfg.expert_layout != "swiglu" or cfg.router == "soft_merge"):
@@ -90,12 +94,13 @@ def _triton_execution():
 
 @torch.compiler.disable(reason="dropless dispatch: data-dependent row counts")
 def _auto(x_TD, plan, experts, recompute_hidden=False):
-    """dispatch=auto: the Triton kernels for CUDA inputs (imported on the first), the grouped
-    path for the rest."""
-    execute = _triton_execution() if x_TD.is_cuda else dispatch_combine
+    """dispatch=auto: the Triton kernels for CUDA inputs of their dtypes (imported on the
+    first), the grouped path for the rest."""
+    fits = x_TD.is_cuda and x_TD.dtype in TRITON_DTYPES
+    execute = _triton_execution() if fits else dispatch_combine
     return execute(x_TD, plan, experts, recompute_hidden=recompute_hidden)
 
 
 __all__ = ["dispatch_combine", "reference_dispatch_combine", "soft_merge", "soft_merge_loop",
            "EXECUTIONS", "DISPATCHERS", "check_dispatch", "execution_for",
-           "triton_installed"]
+           "triton_installed", "TRITON_DTYPES"]

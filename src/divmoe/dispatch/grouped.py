@@ -92,7 +92,7 @@ def routed_rows(x_TD: torch.Tensor, plan: RoutingPlan,
         counts = counts_E.tolist()  # the one host read: row counts size every expert's GEMM
         slot_R = order_S[:sum(counts)]
         weight_R = plan.weights_TK.reshape(-1).index_select(0, slot_R).to(x_TD.dtype)
-    return RoutedRows(counts, counts_E, slot_R, slot_R // K, weight_R)
+        return RoutedRows(counts, counts_E, slot_R, slot_R // K, weight_R)
 
 
 def plan_chunks(counts: list[int], buckets, x_TD: torch.Tensor,

@@ -31,6 +31,7 @@ import torch
 
 from ..experts.layout import layout_kind
 from ..routing.plan import RoutingPlan
+from . import TRITON_DTYPES
 from .grouped import routed_rows
 from .triton_kernels import expert_wgrad, interpreting, min_block_n, rows_gemm
 
@@ -56,7 +57,7 @@ def triton_dispatch_combine(x_TD: torch.Tensor, plan: RoutingPlan, experts,
     if layout_kind(type(experts)) != "bucketed":
         raise ValueError(f"moe.dispatch='triton' runs SwiGLU expert layouts, got "
                          f"{type(experts).__name__}: use moe.dispatch='grouped'")
-    if x_TD.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if x_TD.dtype not in TRITON_DTYPES:
         raise ValueError(f"moe.dispatch='triton' runs float32, bfloat16 and float16 (it "
                          f"accumulates in float32), got {x_TD.dtype}: use moe.dispatch='grouped'")
     if plan.num_tokens == 0:
