@@ -86,6 +86,7 @@ def test_model_step_on_cuda_matches_cpu(dispatch):
         torch.testing.assert_close(g_gpu[name], g_cpu[name], atol=1e-4, rtol=1e-3, msg=name)
 
 
+@pytest.mark.skipif(not TRITON, reason="torch.compile (inductor) on CUDA generates Triton code")
 @pytest.mark.parametrize("dispatch", FAST)
 def test_compiled_model_on_cuda_trains_like_eager(dispatch):
     torch.manual_seed(2)
