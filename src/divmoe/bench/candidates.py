@@ -186,7 +186,11 @@ def build_candidates(shape, tokens: int, *, hf, st_moe, extra: bool, device, dty
                           f"gathers a [2F, d] weight per (token, slot): {need / 2**30:.1f} GiB for "
                           f"the up projection alone (cap {BATCHED_MM_MAX_BYTES / 2**30:.0f} GiB)")
                     continue
-            blocks[impl] = make_mixtral_block(hf, d, F, E, k, impl, seed)
+            try:  # a Hub-kernel implementation may refuse at construction (offline, no kernel)
+                blocks[impl] = make_mixtral_block(hf, d, F, E, k, impl, seed)
+            except Exception as exc:
+                _skip(skipped, shape, tokens, f"hf:{impl}",
+                      f"could not build: {type(exc).__name__}: {exc}"[:300])
         ref_block = blocks.get("eager") or next(iter(blocks.values()), None)
         if ref_block is not None:
             for b in blocks.values():  # one set of weights for every HF candidate
