@@ -212,11 +212,12 @@ def _wall_clock(kernel_call, quantiles):
 def _tuned(kernel: str, configs: tuple):
     # Autotuning reruns a launch per config: the ∂w partial sums must start at zero each time
     # (a wider BLOCK_N writes fewer of their columns).
-    bench = _wall_clock if interpreting() else None
+    # (do_bench only where needed: older triton, as a GPU machine may have, lacks the argument)
+    timer = {"do_bench": _wall_clock} if interpreting() else {}
     if kernel == "rows":
         return triton.autotune(list(configs), key=_ROWS_KEY, reset_to_zero=["dw_ptr"],
-                               do_bench=bench)(_rows_gemm_kernel)
-    return triton.autotune(list(configs), key=_WGRAD_KEY, do_bench=bench)(_wgrad_kernel)
+                               **timer)(_rows_gemm_kernel)
+    return triton.autotune(list(configs), key=_WGRAD_KEY, **timer)(_wgrad_kernel)
 
 
 def _flags(dtype: torch.dtype) -> dict:
