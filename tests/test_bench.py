@@ -165,3 +165,23 @@ def test_extra_candidates_include_heterogeneous_experts_on_the_fast_path(tmp_pat
     names = {r["name"] for r in rows}
     assert {"divmoe+aux+z", "divmoe[loop]", "divmoe[recompute]", "divmoe[hetero]"} <= names
     assert all(math.isfinite(r["median_ms"]) for r in rows if r["name"] == "divmoe[hetero]")
+
+
+def test_distributed_bench_counts_the_exchanges(capsys):
+    """W=1 exchanges nothing; on 2 ranks each MoE layer makes one count exchange and four row
+    exchanges per step (tokens out and back, forward and backward), and what the ranks sent
+    is what they received."""
+    from divmoe.bench.distributed import bench_distributed
+
+    tiny = ["model.d_model=16", "model.n_layers=2", "model.n_heads=2", "model.seq_len=8",
+            "moe.num_experts=4", "moe.expert_hidden=8", "train.batch_size=4"]
+    res = bench_distributed(tiny, [1, 2], steps=1, warmup=1, seed=0, log=lambda m: None)
+    one, two = res["worlds"]
+    assert (one["exchanges_per_step"], one["bytes_sent_per_rank"]) == (0, 0)
+    assert two["exchanges_per_step"] == 2 * 5
+    ranks = [r[0] for r in two["per_rank"]]
+    assert sum(r["bytes_sent"] for r in ranks) == sum(r["bytes_received"] for r in ranks) > 0
+    # at most every slot row (2 layers, k=2, 16 fp32) four times, plus a count row per layer
+    # and rank (32 tokens); about half of the slots have their expert on the other rank
+    upper = 2 * 4 * 2 * 16 * 4 + 2 * 2 * 2 * 8 / 32
+    assert 0.25 * upper < two["bytes_sent_per_token"] <= upper

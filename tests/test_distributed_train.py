@@ -87,6 +87,15 @@ def test_distributed_run_equals_single_process(single, tmp_path, world, expert):
         assert torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-6), k
     summary = json.loads((run / "summary.json").read_text())
     assert summary["params_total"] == json.loads((single / "summary.json").read_text())["params_total"]
+    # the exchanged bytes are logged under expert parallelism: in each of the 2 layers every
+    # slot's row (k=2 per token, d=32 fp32 values) goes out and back in forward and again in
+    # backward; a slot whose expert is local stays, so 2·4·k·d·4 bytes per token bound it
+    exchanged = [r["all_to_all_bytes_per_token"] for r in _metrics(run)[1:]]
+    if expert == 1:
+        assert exchanged == [None] * len(exchanged)
+    else:
+        upper = 2 * 4 * 2 * 32 * 4 + 1  # + the count exchanges: 0.5 bytes per token here
+        assert all(0.25 * upper < b <= upper for b in exchanged), exchanged
 
 
 def test_checkpoint_moves_between_world_sizes(single, tmp_path):

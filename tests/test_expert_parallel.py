@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from divmoe.config import ConfigError
 from divmoe.layer import MoE, MoEConfig
-from divmoe.parallel import exchange
+from divmoe.parallel import exchange, metered
 from spawn import run_ranks
 
 D = 8
@@ -21,9 +21,12 @@ def _a2a_worker(rank, world, out_dir):
     recv = [(r + 1) * rank for r in range(world)]
     x = (torch.arange(sum(send) * 2, dtype=torch.float64).view(-1, 2) + 1000 * rank)
     x.requires_grad_()
-    y = exchange(x, send, recv)
-    (y * (rank + 1)).sum().backward()
-    torch.save({"x": x.detach(), "y": y.detach(), "grad": x.grad}, os.path.join(out_dir, f"{rank}.pt"))
+    with metered() as m:
+        y = exchange(x, send, recv)
+        (y * (rank + 1)).sum().backward()
+    torch.save({"x": x.detach(), "y": y.detach(), "grad": x.grad,
+                "meter": (m.calls, m.bytes_sent, m.bytes_received)},
+               os.path.join(out_dir, f"{rank}.pt"))
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -43,6 +46,11 @@ def test_exchange_uneven_and_zero_splits_forward_and_backward(tmp_path, world):
         grad = torch.cat([torch.full((n, 2), q + 1.0, dtype=torch.float64)
                           for q, n in enumerate(send)])
         torch.testing.assert_close(res[r]["grad"], grad)
+        # the meter: forward and backward, rows to and from other ranks only, 2 × 8 bytes each
+        off_rank_sent = sum(n for q, n in enumerate(send) if q != r)
+        off_rank_recv = sum((s + 1) * r for s in range(world) if s != r)
+        assert res[r]["meter"] == (
+            2, 16 * (off_rank_sent + off_rank_recv), 16 * (off_rank_recv + off_rank_sent))
 
 
 CASES = {

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from divmoe.cli import main
-from divmoe.train import CheckpointError, RunError, load_config, train
+from divmoe.train import CheckpointError, load_config, train
 
 from test_train import TINY, read_metrics, strip_timing
 

@@ -39,7 +39,7 @@ def test_folder_layout_and_deterministic_split(tmp_path):
 
 
 def test_yaml_glob_layout_matches_folder_docs(tmp_path):
-    root = _write_folder(tmp_path / "c")
+    _write_folder(tmp_path / "c")
     spec = tmp_path / "corpus.yaml"
     spec.write_text("code: c/code/**/*.txt\nprose: c/prose/sub/f0*.txt\n")
     out = load_user_corpus(spec, SEQ)

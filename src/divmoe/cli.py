@@ -130,7 +130,7 @@ def _cmd_bench(args) -> int:
     from .bench import run
 
     out = run(args)
-    return 1 if any(not c["ok"] for c in out["checks"]) else 0
+    return 1 if any(not c["ok"] for c in out.get("checks", [])) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -178,10 +178,11 @@ def _load_hf(path: Path) -> AnalysisSource:
 
             tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
-            def encode(data: bytes, tok=tok) -> torch.Tensor:
+            def tokenize(data: bytes, tok=tok) -> torch.Tensor:
                 ids = tok(data.decode("utf-8", errors="ignore"), add_special_tokens=False)["input_ids"]
                 return torch.tensor(ids, dtype=torch.long)
 
+            encode = tokenize
             tok_name = f"hf:{type(tok).__name__}"
         except Exception as exc:  # noqa: BLE001
             notes.append(f"the folder's tokenizer could not be loaded ({type(exc).__name__}: "

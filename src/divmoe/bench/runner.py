@@ -84,6 +84,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--train", action="store_true",
                    help="also training tokens/s: default MoE model vs dense of equal active params")
     p.add_argument("--train-steps", type=int, default=8, help="timed steps per model (--train)")
+    p.add_argument("--distributed", action="store_true",
+                   help="instead of the layer benchmark: a training step on W gloo ranks with the "
+                        "experts sharded over them, split into all-to-all and compute, with the "
+                        "bytes exchanged per rank (--worlds, --train-steps, --set apply)")
+    p.add_argument("--worlds", type=_worlds, default=[1, 2, 4], metavar="W,W,...",
+                   help="process counts for --distributed (default 1,2,4)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for the --train models, e.g. --set moe.top_k=4")
     p.add_argument("--profile", action="store_true",
@@ -92,6 +98,17 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes, 64 tokens, 1 repeat, tiny --train model: a smoke test")
     return p
+
+
+def _worlds(text: str) -> list[int]:
+    try:
+        worlds = [int(w) for w in text.split(",")]
+    except ValueError:
+        worlds = []
+    if not worlds or min(worlds) < 1:
+        raise argparse.ArgumentTypeError(f"--worlds {text!r}: expected process counts ≥ 1 "
+                                         f"separated by commas, e.g. 1,2,4")
+    return worlds
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
@@ -341,6 +358,8 @@ def run(args: argparse.Namespace, argv=None) -> dict:
     from .candidates import load_hf, load_st_moe
 
     args = resolve(args)
+    if args.distributed:
+        return _run_distributed(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     hf, why = (None, "--no-hf given") if args.no_hf else load_hf()
@@ -386,6 +405,25 @@ def run(args: argparse.Namespace, argv=None) -> dict:
                 print(f"\ntop ops, divmoe fwd+bwd {_sh(s['shape'])} T={s['tokens']}:\n{s['top_ops']}")
     for p in out["profiles"]:
         print(f"\ntop ops, {p['name']} fwd+bwd {_sh(p['shape'])} T={p['tokens']}:\n{p['top_ops']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+        log(f"wrote {args.json}")
+    return out
+
+
+def _run_distributed(args: argparse.Namespace) -> dict:
+    import json
+
+    from .distributed import bench_distributed, format_distributed
+
+    log(f"distributed: W in {args.worlds} (load average {loadavg()})")
+    out = {"meta": {**machine(), "command": shlex.join(["divmoe", *getattr(args, "cli_argv", sys.argv[1:])]),
+                    "loadavg_start": loadavg()},
+           "distributed": bench_distributed(args.set, args.worlds, args.train_steps,
+                                            max(1, args.warmup), args.seed, log)}
+    out["meta"]["loadavg_end"] = loadavg()
+    print(format_distributed(out["distributed"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

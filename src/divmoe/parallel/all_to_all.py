@@ -4,12 +4,58 @@ uneven (and zero) splits, differentiable.
 Backward is the same exchange with the splits swapped: the gradient of the rows a rank
 received goes back to the rank that sent them. Every rank of the group must call it, with
 any number of rows (zero included), in the same order as the others — forward and backward.
+
+:func:`metered` counts what the exchanges move and how long they take (``divmoe bench
+--distributed``, the placement measurements); outside it nothing is counted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
+
+
+@dataclass
+class ExchangeMeter:
+    """What this rank's exchanges moved while :func:`metered` was active."""
+    calls: int = 0
+    bytes_sent: int = 0       # rows sent to other ranks (a rank's rows to itself stay local)
+    bytes_received: int = 0   # rows received from other ranks
+    seconds: float = 0.0      # wall time inside all_to_all_single (gloo on CPU is synchronous)
+
+
+_meter: ExchangeMeter | None = None
+
+
+@contextlib.contextmanager
+def metered():
+    """``with metered() as m:`` counts every exchange of this process into ``m``."""
+    global _meter
+    outer, _meter = _meter, ExchangeMeter()
+    try:
+        yield _meter
+    finally:
+        _meter = outer
+
+
+def _all_to_all(out, inp, recv_splits, send_splits, group) -> None:
+    t0 = time.perf_counter()
+    dist.all_to_all_single(out, inp, output_split_sizes=recv_splits,
+                           input_split_sizes=send_splits, group=group)
+    if _meter is not None:
+        _meter.seconds += time.perf_counter() - t0
+        me, W = dist.get_rank(group), dist.get_world_size(group)
+        row = math.prod(inp.shape[1:]) * inp.element_size()
+        send = send_splits if send_splits is not None else [inp.shape[0] // W] * W
+        recv = recv_splits if recv_splits is not None else [out.shape[0] // W] * W
+        _meter.calls += 1
+        _meter.bytes_sent += row * (sum(send) - send[me])
+        _meter.bytes_received += row * (sum(recv) - recv[me])
 
 
 def exchange(x_ND: torch.Tensor, send_splits: list[int], recv_splits: list[int],
@@ -26,7 +72,7 @@ def exchange_counts(counts: torch.Tensor, group=None) -> torch.Tensor:
     """Equal-sized exchange without autograd: ``counts`` [W, n] → row r of the result is what
     rank r sent to this rank (e.g. its per-expert row counts for this rank's experts)."""
     out = torch.empty_like(counts)
-    dist.all_to_all_single(out, counts.contiguous(), group=group)
+    _all_to_all(out, counts.contiguous(), None, None, group)
     return out
 
 
@@ -35,14 +81,12 @@ class _Exchange(torch.autograd.Function):
     def forward(ctx, x_ND, send_splits, recv_splits, group):
         ctx.splits, ctx.group = (send_splits, recv_splits), group
         out = x_ND.new_empty((sum(recv_splits), *x_ND.shape[1:]))
-        dist.all_to_all_single(out, x_ND.contiguous(), output_split_sizes=recv_splits,
-                               input_split_sizes=send_splits, group=group)
+        _all_to_all(out, x_ND.contiguous(), recv_splits, send_splits, group)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         send_splits, recv_splits = ctx.splits
         grad_in = grad_out.new_empty((sum(send_splits), *grad_out.shape[1:]))
-        dist.all_to_all_single(grad_in, grad_out.contiguous(), output_split_sizes=send_splits,
-                               input_split_sizes=recv_splits, group=ctx.group)
+        _all_to_all(grad_in, grad_out.contiguous(), send_splits, recv_splits, ctx.group)
         return grad_in, None, None, None

@@ -36,6 +36,7 @@ from ..models import MoETransformer
 from ..parallel.expert_shards import (full_model_state, full_optimizer_named,
                                       named_optimizer_state, optimizer_state_from_named,
                                       shard_optimizer_named)
+from ..parallel.all_to_all import metered
 from ..parallel.ranks import check_run_parallel, init_ranks, launched_distributed
 from ..balance.loss_free import max_vio
 from ..routing.plan import count_per_expert
@@ -407,6 +408,17 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
         if routing is not None:
             _write_json_atomic(run_dir / "routing.json", routing)
 
+    sharded = ranks is not None and ranks.expert > 1
+    exchanged = {"bytes": 0, "tokens": 0}  # this rank's all-to-all bytes since the last row
+
+    def exchange_bytes_per_token():
+        if not sharded or not exchanged["tokens"]:
+            return None
+        total = float(ranks.sum(torch.tensor(float(exchanged["bytes"]), dtype=torch.float64)))
+        per_token = total / exchanged["tokens"]
+        exchanged.update(bytes=0, tokens=0)
+        return per_token
+
     def run_eval():
         ev = evaluate(model, val, cfg.train.eval_batch_size, ranks=ranks)
         row = {"step": state["step"],
@@ -414,7 +426,8 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
                **ev.row,
                "tokens_per_s": state["tokens_seen"] / state["train_time"] if state["train_time"] else None,
                "elapsed_s": state["elapsed"], "lr": lr_at(max(state["step"] - 1, 0), cfg),
-               "mix_weights": dict(sampler.weights)}
+               "mix_weights": dict(sampler.weights),
+               "all_to_all_bytes_per_token": exchange_bytes_per_token()}
         metrics.append(row)
         on_writer(record, row, ev.routing)
         state.update(loss_sum=0.0, loss_count=0, train_time=0.0, tokens_seen=0)
@@ -447,8 +460,9 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
             if ranks is not None:  # this rank's equal share of every micro-batch
                 batches = [b.tensor_split(ranks.world)[ranks.rank] for b in batches]
             try:
-                result = train_step(model, optimizer, batches, cfg.train.grad_clip,
-                                    lr=lr_at(step, cfg), ranks=ranks)
+                with metered() as meter:
+                    result = train_step(model, optimizer, batches, cfg.train.grad_clip,
+                                        lr=lr_at(step, cfg), ranks=ranks)
             except FloatingPointError as exc:
                 raise FloatingPointError(f"{exc} at step {step}; the last checkpoint in "
                                          f"{run_dir} is intact (lower train.lr?)") from None
@@ -457,6 +471,8 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
             state["loss_sum"] += ce_mean
             state["loss_count"] += 1
             state["tokens_seen"] += step_tokens
+            exchanged["bytes"] += meter.bytes_sent
+            exchanged["tokens"] += step_tokens
             state["train_time"] += time.perf_counter() - t0
             if mixer is not None and state["step"] % cfg.data.mix_every == 0:
                 state["mix_weights"] = mixer.update(model)

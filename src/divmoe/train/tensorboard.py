@@ -33,7 +33,8 @@ class ScalarLog:
             self.writer = SummaryWriter(str(self.path), purge_step=self.first_step)
         w, step = self.writer, row["step"]
         scalars = {"loss/train": row.get("train_loss"), "val_bpb/all": row.get("val_bpb"),
-                   "tokens_per_s": row.get("tokens_per_s"), "lr": row.get("lr")}
+                   "tokens_per_s": row.get("tokens_per_s"), "lr": row.get("lr"),
+                   "all_to_all_bytes_per_token": row.get("all_to_all_bytes_per_token")}
         for domain, bpb in (row.get("val_bpb_by_domain") or {}).items():
             scalars[f"val_bpb/{domain}"] = bpb
         for i, vio in enumerate(row.get("max_vio_by_layer") or []):
