@@ -9,8 +9,9 @@ Per shape (d, F, E, k):
                      CUDA when triton is installed (``divmoe[gpu]``).
 * ``torch:grouped_mm`` ``torch._grouped_mm`` called directly on divmoe's router and weights:
                      gather rows by expert, two grouped GEMMs around the SwiGLU, weighted
-                     ``index_add``; no host read, no hand-written backward (autograd). Where this
-                     torch build has no ``_grouped_mm`` for the device and dtype it is skipped.
+                     ``index_add``; no host read, no hand-written backward (autograd). A copy of
+                     divmoe's weights; where ``_grouped_mm`` fails on the device and dtype it is
+                     skipped with the error.
 * ``hf:<impl>``      ``transformers``' ``MixtralSparseMoeBlock`` with each experts implementation
                      this transformers version registers ("eager" + the keys of
                      ``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS``); CUDA-only ones skipped
@@ -38,8 +39,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-
-import torch.nn.functional as F_
+import torch.nn.functional as nnf
 
 from ..dispatch import triton_installed
 from ..experts import SwiGLU
@@ -131,7 +131,7 @@ class TorchGroupedMM(torch.nn.Module):
 
     def __init__(self, moe: MoE):
         super().__init__()
-        self.moe = moe  # shares its router and experts (and so its weights)
+        self.moe = moe  # its router and expert weights; its dispatch is never called
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         plan = self.moe.router(x_TD)
@@ -143,7 +143,7 @@ class TorchGroupedMM(torch.nn.Module):
         token_S = order_S // K
         h = torch._grouped_mm(x_TD.index_select(0, token_S), experts.w_in_EDH2, offs=offs_E)
         gate, up = h.chunk(2, dim=-1)
-        y = torch._grouped_mm(F_.silu(gate) * up, experts.w_out_EHD, offs=offs_E)
+        y = torch._grouped_mm(nnf.silu(gate) * up, experts.w_out_EHD, offs=offs_E)
         y = y * plan.weights_TK.reshape(-1).index_select(0, order_S).to(y.dtype)[:, None]
         return x_TD.new_zeros(x_TD.shape).index_add(0, token_S, y)
 
