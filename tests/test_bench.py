@@ -1,5 +1,6 @@
 """``divmoe bench --quick``: runs in seconds and gives well-formed JSON and tables. No timing claims."""
 
+import argparse
 import json
 import math
 
@@ -33,7 +34,8 @@ def test_quick_rows_cover_every_shape_mode_and_candidate(quick):
     assert result["meta"]["tokens"] == [64] and result["meta"]["repeats"] == 1
     # the exact command line, for the docs
     assert result["meta"]["command"].startswith("divmoe bench --quick --train --threads 1 --json")
-    expected = {"dense", "divmoe", "hf:eager", "hf:grouped_mm"}  # transformers is a dev dependency
+    # transformers is a dev dependency; torch 2.13 has torch._grouped_mm on CPU
+    expected = {"dense", "divmoe", "torch:grouped_mm", "hf:eager", "hf:grouped_mm"}
     for shape in QUICK_SHAPES:
         for mode in MODES:
             names = {r["name"] for r in rows if r["mode"] == mode and _shape(r) == shape}
@@ -48,8 +50,14 @@ def test_quick_times_memory_split_are_finite(quick):
             assert math.isfinite(t) and t > 0, r
         for v in r.get("speedup_over", {}).values():
             assert math.isfinite(v) and v > 0, r
+        # useful expert FLOPs (6·k·d·F per token, ×3 with backward) over the median time
+        d, F, _, k = _shape(r)
+        flops = 6 * 64 * k * d * F * (3 if r["mode"] == "fwd+bwd" else 1)
+        assert r["tflops"] == pytest.approx(flops / (r["median_ms"] * 1e-3) / 1e12)
+        assert r["fraction_of_matmul"] == pytest.approx(r["tflops"] / result["meta"]["matmul_tflops"])
         if r["name"] == "dense":
             assert r["ratio_to_dense"] == pytest.approx(1.0)
+    assert result["meta"]["matmul_tflops"] > 0 and result["meta"]["matmul_n"] == 256
     mem = result["memory"]
     assert {(_shape(m), m["name"]) for m in mem} >= {(s, "divmoe") for s in QUICK_SHAPES}
     assert all(m["peak_bytes"] > 0 for m in mem)
@@ -78,8 +86,9 @@ def test_quick_train_and_targets(quick):
 
 def test_quick_divmoe_matches_mixtral_block(quick):
     _, result = quick
-    checks = [c for c in result["checks"] if c["name"] == "divmoe"]
-    assert len(checks) == len(QUICK_SHAPES) and all(c["against"] == "hf:eager" for c in checks)
+    for name in ("divmoe", "torch:grouped_mm"):
+        checks = [c for c in result["checks"] if c["name"] == name]
+        assert len(checks) == len(QUICK_SHAPES) and all(c["against"] == "hf:eager" for c in checks)
     for c in result["checks"]:
         assert c["ok"] and c["max_abs_diff"] < 1e-4, c
 
@@ -88,8 +97,8 @@ def test_skips_are_explained(quick):
     """On CPU the CUDA-only HF experts implementations are skipped, each with its reason."""
     _, result = quick
     skipped = {s["name"]: s["reason"] for s in result["skipped"]}
-    assert {"hf:deepgemm", "hf:sonicmoe"} <= set(skipped), skipped
-    assert all("CUDA" in skipped[n] for n in ("hf:deepgemm", "hf:sonicmoe"))
+    assert {"hf:deepgemm", "hf:sonicmoe", "divmoe[triton]"} <= set(skipped), skipped
+    assert all("CUDA" in skipped[n] for n in ("hf:deepgemm", "hf:sonicmoe", "divmoe[triton]"))
 
 
 def test_table_for_people(quick, capsys):
@@ -98,6 +107,41 @@ def test_table_for_people(quick, capsys):
     text = format_tables(result)
     assert "| shape (d,ffn,E,k) | tokens | mode | candidate |" in text
     assert "| target | where | value | limit | met |" in text
+
+
+def test_cuda_adds_the_fine_grained_shape_and_gpu_targets(monkeypatch):
+    from divmoe.bench import runner
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = runner.add_arguments(argparse.ArgumentParser()).parse_args(["--device", "cuda"])
+    runs = runner.resolve(args).runs
+    assert runs[-1] == runner.FINE_GRAINED and len(runs) == 7 and args.dtype == "bf16"
+    given = runner.add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--device", "cuda", "--shape", "8,8,4,2"])
+    assert runner.resolve(given).runs == [((8, 8, 4, 2), 4096), ((8, 8, 4, 2), 16384)]
+    fine = dict(zip("dFEk", runner.FINE_GRAINED[0]))
+    rows = [{"shape": fine, "tokens": 32768, "mode": "fwd+bwd", "name": name,
+             "ratio_to_dense": ratio, "speedup_over": {"hf:grouped_mm": speedup}}
+            for name, ratio, speedup in [("divmoe", 1.3, 1.1), ("divmoe[triton]", 1.1, 1.5)]]
+    memory = [{"shape": fine, "tokens": 32768, "name": "divmoe[triton]", "ratio_to_dense": 1.05}]
+    targets = runner.evaluate_targets({"meta": {"device": "cuda"}, "rows": rows,
+                                       "memory": memory, "split": [], "train": None})
+    got = {t["target"]: t["met"] for t in targets}
+    assert got == {"fwd+bwd time / dense": False, "divmoe faster than hf:grouped_mm (×)": False,
+                   "divmoe[triton] fwd+bwd time / dense": True,
+                   "divmoe[triton] divmoe faster than hf:grouped_mm (×)": True,
+                   "divmoe[triton] peak fwd+bwd memory / dense": True}
+
+
+def test_gpu_check_script_parses_and_names_files_that_exist():
+    import re
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    script = root / "benchmarks" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    named = set(re.findall(r"tests/test_\w+\.py", script.read_text()))
+    assert named == {"tests/test_cuda.py", "tests/test_triton_dispatch.py"}
+    assert all((root / n).is_file() for n in named)
 
 
 def test_wrapper_script_and_bad_shape():

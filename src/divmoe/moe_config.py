@@ -100,7 +100,9 @@ class MoEConfig:
     dselect_gamma: float = option(1.0, min=0.0, min_exclusive=True,
                                   help="dselect_k: width γ of the smooth-step function")
     dispatch: str = option("grouped", choices=sorted(DISPATCHERS),
-                           help="grouped = fast path; reference = loop over experts")
+                           help="grouped = fast path; reference = loop over experts; triton = "
+                                "fused Triton kernels on CUDA (divmoe[gpu]); auto = triton "
+                                "for CUDA inputs when installed, else grouped")
     recompute_hidden: bool = option(False, help="SwiGLU fast path: keep only the layer input for "
                                     "backward and recompute each chunk's expert hidden there "
                                     "(one more up-projection GEMM: less memory, more time); the "

@@ -5,6 +5,13 @@ Per shape (d, F, E, k):
 * ``dense``          ``SwiGLU(d, k*F)``: the same active FLOPs per token as the MoE (router ignored);
                      the limit a sparse layer can reach.
 * ``divmoe``         ``MoE(dispatch="grouped", balance=[])``: the layer itself.
+* ``divmoe[triton]`` the same layer with ``dispatch="triton"`` (the fused Triton kernels), on
+                     CUDA when triton is installed (``divmoe[gpu]``).
+* ``torch:grouped_mm`` ``torch._grouped_mm`` called directly on divmoe's router and weights:
+                     gather rows by expert, two grouped GEMMs around the SwiGLU, weighted
+                     ``index_add``; no host read, no hand-written backward (autograd). A copy of
+                     divmoe's weights; where ``_grouped_mm`` fails on the device and dtype it is
+                     skipped with the error.
 * ``hf:<impl>``      ``transformers``' ``MixtralSparseMoeBlock`` with each experts implementation
                      this transformers version registers ("eager" + the keys of
                      ``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS``); CUDA-only ones skipped
@@ -27,15 +34,19 @@ divmoe), so they route the same tokens to the same experts; :func:`check_outputs
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as nnf
 
+from ..dispatch import triton_installed
 from ..experts import SwiGLU
 from ..experts import grouped_mm as divmoe_gmm
 from ..hf import load_hf_moe_block
 from ..layer import MoE, MoEConfig
+from ..routing.plan import count_per_expert
 
 # Implementations that need CUDA kernels fetched from the Hub.
 CUDA_ONLY_IMPLS = {
@@ -114,6 +125,29 @@ def native_grouped_mm(on: bool):
         divmoe_gmm._NATIVE_GROUPED_MM = saved
 
 
+class TorchGroupedMM(torch.nn.Module):
+    """``torch._grouped_mm`` called directly: divmoe's router and expert weights, no divmoe
+    dispatch. The peer a user writing their own layer on torch's kernel would get."""
+
+    def __init__(self, moe: MoE):
+        super().__init__()
+        self.moe = moe  # its router and expert weights; its dispatch is never called
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        plan = self.moe.router(x_TD)
+        ids_TK = plan.expert_ids_TK  # top-k routing: no empty slots
+        T, K = ids_TK.shape
+        experts = self.moe.experts
+        order_S = torch.argsort(ids_TK.reshape(-1), stable=True)
+        offs_E = count_per_expert(ids_TK, experts.num_experts).cumsum(0).to(torch.int32)
+        token_S = order_S // K
+        h = torch._grouped_mm(x_TD.index_select(0, token_S), experts.w_in_EDH2, offs=offs_E)
+        gate, up = h.chunk(2, dim=-1)
+        y = torch._grouped_mm(nnf.silu(gate) * up, experts.w_out_EHD, offs=offs_E)
+        y = y * plan.weights_TK.reshape(-1).index_select(0, order_S).to(y.dtype)[:, None]
+        return x_TD.new_zeros(x_TD.shape).index_add(0, token_S, y)
+
+
 def _skip(skipped, shape, tokens, name, reason):
     skipped.append({"shape": list(shape), "tokens": tokens, "name": name, "reason": reason})
 
@@ -152,7 +186,11 @@ def build_candidates(shape, tokens: int, *, hf, st_moe, extra: bool, device, dty
                           f"gathers a [2F, d] weight per (token, slot): {need / 2**30:.1f} GiB for "
                           f"the up projection alone (cap {BATCHED_MM_MAX_BYTES / 2**30:.0f} GiB)")
                     continue
-            blocks[impl] = make_mixtral_block(hf, d, F, E, k, impl, seed)
+            try:  # a Hub-kernel implementation may refuse at construction (offline, no kernel)
+                blocks[impl] = make_mixtral_block(hf, d, F, E, k, impl, seed)
+            except Exception as exc:
+                _skip(skipped, shape, tokens, f"hf:{impl}",
+                      f"could not build: {type(exc).__name__}: {exc}"[:300])
         ref_block = blocks.get("eager") or next(iter(blocks.values()), None)
         if ref_block is not None:
             for b in blocks.values():  # one set of weights for every HF candidate
@@ -163,8 +201,24 @@ def build_candidates(shape, tokens: int, *, hf, st_moe, extra: bool, device, dty
         for _, m, _, _ in mine[1:]:
             m.load_state_dict(plain.state_dict())
 
+    if device.type != "cuda":
+        _skip(skipped, shape, tokens, "divmoe[triton]", "needs CUDA")
+    elif not triton_installed():
+        _skip(skipped, shape, tokens, "divmoe[triton]", "triton not installed: pip install "
+              "'divmoe[gpu]'")
+    else:
+        tri = MoE(d, MoEConfig(num_experts=E, top_k=k, expert_hidden=F, dispatch="triton",
+                               balance=[]))
+        tri.load_state_dict(plain.state_dict())
+        mine.append(("divmoe[triton]", tri, lambda x, m=tri: [m(x).output],
+                     contextlib.nullcontext))
     for name, m, call, ctx in mine:
         cands.append(Candidate(name, m, call, context=ctx))
+    if hasattr(torch, "_grouped_mm"):
+        direct = TorchGroupedMM(copy.deepcopy(plain))
+        cands.append(Candidate("torch:grouped_mm", direct, lambda x, m=direct: [m(x)]))
+    else:
+        _skip(skipped, shape, tokens, "torch:grouped_mm", "this torch has no torch._grouped_mm")
     if extra and F >= 2:
         widths = [F // 2 if e % 2 == 0 else F + (F - F // 2) for e in range(E)]
         if E % 2:  # keep the mean width F: the last expert takes the odd one out

@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import defaultdict
 
@@ -182,3 +183,20 @@ def profile_top_ops(c, x: torch.Tensor, grads_out: dict, top_ops: int = 12) -> s
         run_once(c, x, "fwd+bwd", grads_out)
     _zero_grads(c.module)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top_ops)
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
+    """This device's dense matmul rate (n×n by n×n, median of ``repeats`` after one warm-up):
+    the bench's yardstick for what fraction of the chip an MoE layer's useful FLOPs reach."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device, dtype)
+    b = torch.randn(n, n, generator=gen).to(device, dtype)
+    times = []
+    for i in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return 2.0 * n ** 3 / statistics.median(times) / 1e12

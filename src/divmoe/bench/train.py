@@ -6,7 +6,8 @@ width equals the MoE's active width, so both have the same active parameters per
 step is exactly a training step of ``divmoe train`` (:func:`divmoe.train.train_step`, one
 micro-batch of ``batch_size`` sequences of ``seq_len`` random byte tokens). Steps of the two
 models alternate (moe, dense, moe, dense, ...) after warm-up; tokens/s is tokens per step
-divided by the median step time.
+divided by the median step time. ``device``: where both train (``--device``; on CUDA the step
+is bracketed by synchronisations).
 """
 
 from __future__ import annotations
@@ -22,12 +23,18 @@ from ..train.step import train_step
 
 def timed_step(model, optimizer, tokens, grad_clip: float) -> float:
     """Seconds of one ``divmoe train`` step (:func:`divmoe.train.train_step`) on one batch."""
+    cuda = tokens.is_cuda
+    if cuda:
+        torch.cuda.synchronize(tokens.device)
     t0 = time.perf_counter()
     train_step(model, optimizer, [tokens], grad_clip)
+    if cuda:
+        torch.cuda.synchronize(tokens.device)
     return time.perf_counter() - t0
 
 
-def bench_train(overrides: list[str], steps: int, warmup: int, seed: int, log) -> dict:
+def bench_train(overrides: list[str], steps: int, warmup: int, seed: int, log,
+                device: torch.device = torch.device("cpu")) -> dict:
     from ..train import load_config
     from ..train.loop import build_optimizer
 
@@ -36,13 +43,13 @@ def bench_train(overrides: list[str], steps: int, warmup: int, seed: int, log) -
     for name, moe in (("moe", True), ("dense", False)):
         cfg.model.moe = moe
         torch.manual_seed(seed)
-        model = MoETransformer(cfg.model, cfg.moe)
+        model = MoETransformer(cfg.model, cfg.moe).to(device)
         model.train()
         models[name] = (model, build_optimizer(model, cfg))
     cfg.model.moe = True
     B, S, V = cfg.train.batch_size, cfg.model.seq_len, cfg.model.vocab_size
     g = torch.Generator().manual_seed(seed)
-    batches = [torch.randint(0, V, (B, S + 1), generator=g) for _ in range(4)]
+    batches = [torch.randint(0, V, (B, S + 1), generator=g).to(device) for _ in range(4)]
     times = {n: [] for n in models}
     for i in range(warmup + steps):
         for name, (model, opt) in models.items():  # interleaved
@@ -53,7 +60,8 @@ def bench_train(overrides: list[str], steps: int, warmup: int, seed: int, log) -
             log(f"  [train] step {i - warmup + 1}/{steps}: "
                 + ", ".join(f"{n}={t[-1] * 1e3:.0f}ms" for n, t in times.items()))
     tokens = B * S
-    out = {"config": {"overrides": list(overrides), "batch_size": B, "seq_len": S,
+    out = {"config": {"overrides": list(overrides), "device": str(device), "batch_size": B,
+                      "seq_len": S, "dispatch": cfg.moe.dispatch,
                       "d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers,
                       "num_experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k,
                       "expert_hidden": cfg.moe.expert_hidden, "balance": list(cfg.moe.balance)},

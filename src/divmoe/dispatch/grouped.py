@@ -20,6 +20,7 @@ Gathers are ``index_select`` (backward: ``index_add``) and the combine is ``inde
 from __future__ import annotations
 
 from itertools import accumulate
+from typing import NamedTuple
 
 import torch
 
@@ -45,40 +46,58 @@ def dispatch_combine(x_TD: torch.Tensor, plan: RoutingPlan, experts,
                      recompute_hidden: bool = False) -> torch.Tensor:
     """out_TD: every token's routed experts, weighted by the plan. ``recompute_hidden``: the
     SwiGLU path keeps no expert hidden for backward and recomputes it there."""
-    T, K = plan.expert_ids_TK.shape
-    E = plan.num_experts
-    if T == 0:
+    if plan.num_tokens == 0:
         return torch.zeros_like(x_TD)
     bucketed = layout_kind(type(experts)) == "bucketed"
+    rows = routed_rows(x_TD, plan, experts.row_order() if bucketed else None)
+    if bucketed:
+        buckets = experts.buckets()
+        chunks = plan_chunks(rows.counts, buckets, x_TD, counts_E=rows.counts_E)
+        return routed_swiglu(x_TD, rows.token_R, rows.weight_R, buckets, chunks,
+                             save_hidden=not recompute_hidden)
+    with torch.profiler.record_function("divmoe.dispatch"):
+        x_RD = x_TD.index_select(0, rows.token_R)
+    with torch.profiler.record_function("divmoe.experts"):
+        y_RD = experts.grouped(x_RD, rows.counts_E)
+    with torch.profiler.record_function("divmoe.combine"):
+        return x_TD.new_zeros(x_TD.shape).index_add(0, rows.token_R, y_RD * rows.weight_R[:, None])
+
+
+class RoutedRows(NamedTuple):
+    """The plan's routed slots as rows, expert-contiguous in row order (R of them)."""
+
+    counts: list[int]         # rows per expert in row order, on the host
+    counts_E: torch.Tensor    # the same, int64 on the device
+    slot_R: torch.Tensor      # the flat slot (t·K + k) of each row
+    token_R: torch.Tensor     # its token
+    weight_R: torch.Tensor    # its combine weight, in the input's dtype
+
+
+def routed_rows(x_TD: torch.Tensor, plan: RoutingPlan,
+                position_E: torch.Tensor | None = None) -> RoutedRows:
+    """Step 1 of every dropless execution: sort the plan's slots into expert-contiguous rows.
+
+    ``position_E``: each expert's rank in the row order (a layout's ``row_order()``; None
+    when that is its id). Reads the row counts on the host: the one host read.
+    """
+    K, E = plan.expert_ids_TK.shape[1], plan.num_experts
     # Profiler ranges (cheap when no profiler runs): `divmoe bench` splits the layer's time by them.
     with torch.profiler.record_function("divmoe.dispatch"):
         ids_S = plan.expert_ids_TK.reshape(-1)
-        position_E = experts.row_order() if bucketed else None  # hetero: buckets in turn
         key_S = ids_S if position_E is None else position_E[ids_S.clamp(min=0)]
         key_S = torch.where(ids_S < 0, E, key_S)  # empty slots last, then cut off
         order_S = torch.argsort(key_S, stable=True)
         counts_P = torch.zeros(E + 1, dtype=torch.int64, device=key_S.device)
-        counts_P = counts_P.scatter_add_(0, key_S, torch.ones_like(key_S))[:E]  # rows per expert
-        counts = counts_P.tolist()  # the one host read: row counts size every expert's GEMM
-        routed = sum(counts)
-        routed_R = order_S[:routed]
-        token_R = routed_R // K
-        weight_R = plan.weights_TK.reshape(-1).index_select(0, routed_R).to(x_TD.dtype)
-    if bucketed:
-        buckets = experts.buckets()
-        chunks = plan_chunks(counts, buckets, x_TD)
-        return routed_swiglu(x_TD, token_R, weight_R, buckets, chunks,
-                             save_hidden=not recompute_hidden)
-    with torch.profiler.record_function("divmoe.dispatch"):
-        x_RD = x_TD.index_select(0, token_R)
-    with torch.profiler.record_function("divmoe.experts"):
-        y_RD = experts.grouped(x_RD, counts_P)
-    with torch.profiler.record_function("divmoe.combine"):
-        return x_TD.new_zeros(x_TD.shape).index_add(0, token_R, y_RD * weight_R[:, None])
+        counts_E = counts_P.scatter_add_(0, key_S, torch.ones_like(key_S))[:E]  # rows per expert
+        counts = counts_E.tolist()  # the one host read: row counts size every expert's GEMM
+        slot_R = order_S[:sum(counts)]
+        weight_R = plan.weights_TK.reshape(-1).index_select(0, slot_R).to(x_TD.dtype)
+        return RoutedRows(counts, counts_E, slot_R, slot_R // K, weight_R)
 
 
 def plan_chunks(counts: list[int], buckets, x_TD: torch.Tensor,
-                chunk_bytes: int | None = None) -> list[Chunk]:
+                chunk_bytes: int | None = None,
+                counts_E: torch.Tensor | None = None) -> list[Chunk]:
     """Cut the routed rows into chunks of whole experts, bucket by bucket.
 
     ``counts``: rows of each expert in row order (the buckets' experts in turn). A chunk
@@ -92,7 +111,8 @@ def plan_chunks(counts: list[int], buckets, x_TD: torch.Tensor,
     chunks, lo, r = [], 0, 0
     for b, (w_in, _) in enumerate(buckets):
         E_b = w_in.shape[0]
-        bucket_counts, lo = counts[lo:lo + E_b], lo + E_b
+        first, lo = lo, lo + E_b
+        bucket_counts = counts[first:lo]
         if not any(bucket_counts):
             continue
         width = max(w_in.shape[1], w_in.shape[2])
@@ -106,8 +126,10 @@ def plan_chunks(counts: list[int], buckets, x_TD: torch.Tensor,
             rows += n
         for e0, e1 in zip(start, start[1:] + [E_b]):
             offs = list(accumulate(bucket_counts[e0:e1]))
-            chunks.append(Chunk(b, e0, e1, r, r + offs[-1],
-                                torch.tensor(offs, dtype=torch.int32, device=x_TD.device),
-                                [0] + offs))
+            if counts_E is None:
+                offs_t = torch.tensor(offs, dtype=torch.int32, device=x_TD.device)
+            else:  # cut on the device: a host → device copy on CUDA waits for the stream
+                offs_t = counts_E[first + e0:first + e1].cumsum(0).to(torch.int32)
+            chunks.append(Chunk(b, e0, e1, r, r + offs[-1], offs_t, [0] + offs))
             r += offs[-1]
     return chunks

@@ -1,0 +1,10 @@
+"""Without a GPU, Triton kernels run under Triton's CPU interpreter (tests/test_triton_dispatch.py).
+``triton.jit`` reads TRITON_INTERPRET when a kernel is defined, so it is set here, before any
+test module imports divmoe's kernels; with CUDA present the kernels compile for the GPU."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
