@@ -41,6 +41,7 @@ solution, the better of it and the greedy one is kept. ``placement.method`` says
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from dataclasses import dataclass, field
@@ -87,7 +88,12 @@ class Placement:
                 "layers": {str(b): ids for b, ids in sorted(self.experts_by_rank.items())}}
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(path, json.dumps(self.to_json(), indent=1))
+        """Write the JSON file, one line per MoE block (its experts_by_rank lists)."""
+        obj = self.to_json()
+        layers = obj.pop("layers")
+        head = json.dumps(obj, indent=1)[:-2]
+        body = ",\n".join(f"  {json.dumps(b)}: {json.dumps(ids)}" for b, ids in layers.items())
+        atomic_write_text(path, f"{head},\n \"layers\": {{\n{body}\n }}\n}}\n")
 
     def check_run(self, moe_layers: list[int], num_experts: int, ranks: int, where: str) -> None:
         """Refuse a placement made for another run layout (ranks, experts or MoE layers)."""
@@ -247,9 +253,7 @@ def solve(trace: RoutingTrace, ranks: int, time_limit: float = 30.0,
     if n_vars > max_variables:
         return _greedy(trace, ranks, edges, traffic_weight, time_limit,
                        f"the MILP has {n_vars} variables (> {max_variables})")
-    try:
-        from scipy.optimize import milp  # noqa: F401 - scipy is the optional `placement` extra
-    except ImportError:
+    if importlib.util.find_spec("scipy") is None:  # scipy is the optional `placement` extra
         return _greedy(trace, ranks, edges, traffic_weight, time_limit,
                        "scipy is not installed (pip install 'divmoe[placement]')")
     return _milp(trace, ranks, edges, traffic_weight, time_limit)
