@@ -118,12 +118,11 @@ class Routed:
         return [torch.cat([b.reshape(-1, b.shape[-1]) for b in ids]).long() for ids in self.rec.ids]
 
 
-def route_validation(src: AnalysisSource, max_bytes: int = DEFAULT_MAX_BYTES,
-                     batch_size: int = 16, probe_tokens: int = PROBE_TOKENS,
-                     progress: bool = True, data: str | Path | None = None) -> Routed:
-    """Route the validation split (the run's corpus for a divmoe run unless ``data`` is
-    given; else the embedded one) through ``src``, recording every layer's routing and a
-    sample of ``probe_tokens`` layer inputs."""
+def validation_windows(src: AnalysisSource, max_bytes: int = DEFAULT_MAX_BYTES,
+                       data: str | Path | None = None) -> tuple[dict, str | Path | None]:
+    """Token windows [N, seq_len] of the first ``max_bytes`` validation bytes of every domain
+    (the run's corpus for a divmoe run unless ``data`` is given; else the embedded one), and
+    the corpus used."""
     val_fraction = 0.05
     if src.kind == "divmoe":
         from ..train.config import load_config
@@ -133,8 +132,17 @@ def route_validation(src: AnalysisSource, max_bytes: int = DEFAULT_MAX_BYTES,
         data = data if data is not None else run_data.corpus
     val_docs = load_corpus("val") if data is None else load_user_corpus(data, src.seq_len, val_fraction)["val"]
     streams = _domain_streams(val_docs)
-    domains = sorted(streams)
-    windows = {d: _windows(src.encode(streams[d][:max_bytes]), src.seq_len) for d in domains}
+    return {d: _windows(src.encode(streams[d][:max_bytes]), src.seq_len) for d in sorted(streams)}, data
+
+
+def route_validation(src: AnalysisSource, max_bytes: int = DEFAULT_MAX_BYTES,
+                     batch_size: int = 16, probe_tokens: int = PROBE_TOKENS,
+                     progress: bool = True, data: str | Path | None = None) -> Routed:
+    """Route the validation split (the run's corpus for a divmoe run unless ``data`` is
+    given; else the embedded one) through ``src``, recording every layer's routing and a
+    sample of ``probe_tokens`` layer inputs."""
+    windows, data = validation_windows(src, max_bytes, data)
+    domains = sorted(windows)
     rec = _Recorder(src, max(1, probe_tokens // len(domains)))
     dom_of_batch: list[int] = []
     try:

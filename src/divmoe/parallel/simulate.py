@@ -15,8 +15,10 @@ Network assumptions (each a parameter): rows of ``d_model`` values of ``dtype_by
 every rank with its own full-duplex link of ``bandwidth`` bytes/s to a non-blocking switch,
 so an all-to-all lasts as long as the busiest rank's received bytes take on its link (no
 latency, no overlap with compute, no topology). Under the ``origin`` model
-(:mod:`divmoe.parallel.placement`) a layer's dispatch plus combine therefore takes
-2·max_r(received_r)/bandwidth; the placement changes the busiest rank, not the total.
+(:mod:`divmoe.parallel.placement`), with tokens spread evenly over ranks, rank r receives
+load_r·(N−1)/N rows in a layer's dispatch and sends (total − load_r)/N; the combine mirrors
+it, so a layer's exchange takes 2·max_r max(received_r, sent_r)/bandwidth. The placement
+changes the busiest rank, not the total.
 """
 
 from __future__ import annotations
@@ -85,10 +87,13 @@ def project(trace: RoutingTrace, ranks: tuple[int, ...] = DEFAULT_RANKS,
             c = cost(big, placement, dtype_bytes)
             loads = rank_loads(big, placement.rank_of(big.layers), N)  # [L, N]
             share = loads / np.maximum(loads.sum(1, keepdims=True), 1e-12)
-            # rows a rank receives per layer: its share of all slots, less its own (1/N)
-            slots = slots_per_token[:, None] * tokens_per_rank * N
+            slots = slots_per_token[:, None] * tokens_per_rank * N  # [L, 1] all ranks' slots
+            # dispatch: a rank receives the other ranks' rows for its experts, load·(N−1)/N,
+            # and sends its own tokens' rows for the others' experts, (total − load)/N; the
+            # combine is the mirror image, so both phases last as long as the larger
             recv = share * slots * (N - 1) / N * row
-            t = 2 * recv / bandwidth * 1e3
+            sent = (1 - share) * slots / N * row
+            t = 2 * np.maximum(recv, sent) / bandwidth * 1e3
             out.append(Projection(N, experts, name, placement.method, c.imbalance,
                                   c.origin_bytes, c.follow_bytes, float(t.max(1).mean()),
                                   float(t.mean(1).mean())))
