@@ -58,7 +58,7 @@ class Projection:
     origin_bytes: float       # per token, all MoE layers, forward
     follow_bytes: float
     a2a_ms_per_layer: float   # origin model, busiest rank, dispatch + combine
-    a2a_ms_balanced: float    # the same if every rank received the mean
+    a2a_ms_balanced: float    # the same with every rank equally loaded
 
 
 def project(trace: RoutingTrace, ranks: tuple[int, ...] = DEFAULT_RANKS,
@@ -93,10 +93,11 @@ def project(trace: RoutingTrace, ranks: tuple[int, ...] = DEFAULT_RANKS,
             # combine is the mirror image, so both phases last as long as the larger
             recv = share * slots * (N - 1) / N * row
             sent = (1 - share) * slots / N * row
-            t = 2 * np.maximum(recv, sent) / bandwidth * 1e3
+            t = 2 * np.maximum(recv, sent).max(1) / bandwidth * 1e3
+            t_even = 2 * slots[:, 0] * (N - 1) / N ** 2 * row / bandwidth * 1e3
             out.append(Projection(N, experts, name, placement.method, c.imbalance,
-                                  c.origin_bytes, c.follow_bytes, float(t.max(1).mean()),
-                                  float(t.mean(1).mean())))
+                                  c.origin_bytes, c.follow_bytes, float(t.mean()),
+                                  float(t_even.mean())))
     return out
 
 
