@@ -172,8 +172,10 @@ def _cmd_place(args) -> int:
         c = cost(trace, pl, args.dtype_bytes, args.traffic_weight)
         print(f"{name:<12} {c.imbalance:>13.3f} {c.worst_imbalance:>11.3f} "
               f"{c.origin_bytes:>14.0f} {c.follow_bytes:>14.0f} {c.cut_share:>10.3f}  {pl.method}")
-    how = ", ".join(f"{k} {v}" for k, v in solved.info.items() if k in ("why", "time_s", "status"))
-    print(f"solved by {solved.method}: {how}")
+    shown = ("why", "time_s", "milp_time_s", "status", "mip_gap", "milp_objective", "greedy_objective")
+    how = "; ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in solved.info.items() if k in shown)
+    print(f"solved by {solved.method} ({how})")
     solved.info["source"] = str(args.source)
     solved.save(args.out)
     print(f"placement: {args.out} (divmoe train --set parallel.expert={args.ranks} "

@@ -247,9 +247,6 @@ def solve(trace: RoutingTrace, ranks: int, time_limit: float = 30.0,
         raise ConfigError(f"traffic_weight must be >= 0, got {traffic_weight}")
     edges = _Edges.of(trace)
     n_vars = trace.num_layers * trace.num_experts * ranks + len(edges.w) + trace.num_layers
-    if ranks == 1 or trace.num_experts == ranks:
-        why = "one expert per rank or one rank: every placement is a renaming of ranks"
-        return _greedy(trace, ranks, edges, traffic_weight, time_limit, why)
     if n_vars > max_variables:
         return _greedy(trace, ranks, edges, traffic_weight, time_limit,
                        f"the MILP has {n_vars} variables (> {max_variables})")
@@ -308,7 +305,7 @@ def _milp(trace, ranks, edges, traffic_weight, time_limit) -> Placement:
     res = milp(c, constraints=LinearConstraint(A, lo, hi), integrality=integrality,
                bounds=bounds, options={"time_limit": float(time_limit), "disp": False})
     info = {"solver": "scipy.optimize.milp (HiGHS)", "variables": nx + ny + L,
-            "constraints": len(lo), "time_s": round(time.perf_counter() - t0, 3),
+            "constraints": len(lo), "milp_time_s": round(time.perf_counter() - t0, 3),
             "status": res.message}
     if res.x is None:
         return _greedy(trace, ranks, edges, traffic_weight, time_limit,
