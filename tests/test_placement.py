@@ -200,6 +200,10 @@ def test_place_cli(tmp_path, capsys):
     assert main(["place", str(tmp_path / "trace.json"), "--ranks", "3",
                  "--out", str(tmp_path / "q.json")]) == 2
     assert "divide" in capsys.readouterr().err
+    assert main(["place", str(tmp_path / "trace.json"), "--ranks", "2", "--simulate", "8"]) == 2
+    assert "drop --ranks and --out" in capsys.readouterr().err
+    assert main(["place", str(tmp_path / "trace.json"), "--ranks", "2"]) == 2
+    assert "needs --ranks N and --out" in capsys.readouterr().err
 
 
 def _bytes_worker(rank, world, out_dir):

@@ -134,9 +134,19 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_place(args) -> int:
+    from pathlib import Path
+
     from .parallel.placement import contiguous, cost, round_robin, solve
     from .parallel.traces import load_trace
 
+    if args.simulate and (args.ranks is not None or args.out is not None):
+        raise ValueError("--simulate projects to the ranks it lists and writes no placement: "
+                         "drop --ranks and --out")
+    if not args.simulate and (args.ranks is None or args.out is None):
+        raise ValueError("divmoe place needs --ranks N and --out placement.json "
+                         "(or --simulate RANKS)")
+    if args.out is not None and Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a folder; give the placement file's path")
     trace = load_trace(args.source)
     print(f"trace: {trace.num_layers} MoE layers × {trace.num_experts} experts, "
           f"top-{trace.top_k}, d_model {trace.d_model}, {trace.tokens} tokens "
@@ -156,23 +166,19 @@ def _cmd_place(args) -> int:
                        args.tokens_per_rank, args.bandwidth_gbs * 1e9, args.time_limit)
         print(format_projection(rows))
         return 0
-    if args.ranks is None or args.out is None:
-        raise ValueError("divmoe place needs --ranks N and --out placement.json "
-                         "(or --simulate RANKS)")
-    from pathlib import Path
-
-    if Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a folder; give the placement file's path")
     solved = solve(trace, args.ranks, time_limit=args.time_limit,
                    traffic_weight=args.traffic_weight)
     print(f"{'placement':<12} {'load max/mean':>13} {'worst layer':>11} "
-          f"{'origin B/token':>14} {'follow B/token':>14} {'follow cut':>10}  method")
+          f"{'origin B/token':>14} {'follow B/token':>14} {'follow cut':>10} "
+          f"{'objective':>9}  method")
     for name, pl in (("contiguous", contiguous(trace, args.ranks)),
                      ("round-robin", round_robin(trace, args.ranks)), ("solved", solved)):
         c = cost(trace, pl, args.dtype_bytes, args.traffic_weight)
         print(f"{name:<12} {c.imbalance:>13.3f} {c.worst_imbalance:>11.3f} "
-              f"{c.origin_bytes:>14.0f} {c.follow_bytes:>14.0f} {c.cut_share:>10.3f}  {pl.method}")
-    shown = ("why", "time_s", "milp_time_s", "status", "mip_gap", "milp_objective", "greedy_objective")
+              f"{c.origin_bytes:>14.0f} {c.follow_bytes:>14.0f} {c.cut_share:>10.3f} "
+              f"{c.objective:>9.3f}  {pl.method}")
+    shown = ("why", "time_s", "milp_time_s", "status", "mip_gap", "milp_objective",
+             "greedy_objective")
     how = "; ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                     for k, v in solved.info.items() if k in shown)
     print(f"solved by {solved.method} ({how})")
