@@ -130,9 +130,12 @@ def validation_windows(src: AnalysisSource, max_bytes: int = DEFAULT_MAX_BYTES,
         run_data = load_config(src.info["config"]).data
         val_fraction = run_data.val_fraction
         data = data if data is not None else run_data.corpus
-    val_docs = load_corpus("val") if data is None else load_user_corpus(data, src.seq_len, val_fraction)["val"]
+    val_docs = load_corpus("val") if data is None else \
+        load_user_corpus(data, src.seq_len, val_fraction)["val"]
     streams = _domain_streams(val_docs)
-    return {d: _windows(src.encode(streams[d][:max_bytes]), src.seq_len) for d in sorted(streams)}, data
+    windows = {d: _windows(src.encode(streams[d][:max_bytes]), src.seq_len)
+               for d in sorted(streams)}
+    return windows, data
 
 
 def route_validation(src: AnalysisSource, max_bytes: int = DEFAULT_MAX_BYTES,
@@ -179,8 +182,8 @@ def analyze(path: str | Path, out: str | Path, max_bytes: int = DEFAULT_MAX_BYTE
     _log(progress, f"{src.kind} model from {src.path}: {len(src.moes)} MoE layers, "
                    f"E={src.info['num_experts']}, k={src.info['top_k']}, tokenizer {src.tokenizer}")
     routed = route_validation(src, max_bytes, batch_size, probe_tokens, progress, data)
-    rec, domains, windows, dom_of_batch = routed.rec, routed.domains, routed.windows, routed.dom_of_batch
-    data = routed.data
+    rec, domains, windows = routed.rec, routed.domains, routed.windows
+    dom_of_batch, data = routed.dom_of_batch, routed.data
     L, E, K = len(src.moes), int(src.info["num_experts"]), int(src.info["top_k"])
 
     _log(progress, "computing diagnostics")

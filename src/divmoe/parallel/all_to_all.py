@@ -35,7 +35,8 @@ _active: list[ByteCount] = []  # the open count_bytes() contexts of this process
 
 @contextlib.contextmanager
 def count_bytes():
-    """``with count_bytes() as moved: ...`` — :class:`ByteCount` of the exchanges inside (nests)."""
+    """``with count_bytes() as moved: ...``: the :class:`ByteCount` of the exchanges inside
+    (contexts nest; each counts everything inside it)."""
     moved = ByteCount()
     _active.append(moved)
     try:

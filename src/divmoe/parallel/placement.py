@@ -356,7 +356,8 @@ def _greedy(trace, ranks, edges, traffic_weight, time_limit, why) -> Placement:
             node = l * E + e
             placed = rank_of >= 0
             keep_local = np.bincount(rank_of[placed], weights=W[node, placed], minlength=N)
-            score = (load_r + trace.load_LE[l, e]) / (mean * L) - traffic_weight * keep_local / total
+            score = ((load_r + trace.load_LE[l, e]) / (mean * L)
+                     - traffic_weight * keep_local / total)
             score[room == 0] = np.inf
             r = int(np.argmin(score))
             rank_of[node] = r

@@ -13,8 +13,8 @@ pattern at scale", not as a prediction for a larger model.
 Network assumptions (each a parameter): rows of ``d_model`` values of ``dtype_bytes`` bytes
 (the trace's width, float32 by default), ``tokens_per_rank`` tokens per rank per step, and
 every rank with its own full-duplex link of ``bandwidth`` bytes/s to a non-blocking switch,
-so an all-to-all lasts as long as the busiest rank's received bytes take on its link (no
-latency, no overlap with compute, no topology). Under the ``origin`` model
+so an all-to-all lasts as long as the busiest rank's bytes take on its link (no latency,
+no overlap with compute, no topology). Under the ``origin`` model
 (:mod:`divmoe.parallel.placement`), with tokens spread evenly over ranks, rank r receives
 load_r·(N−1)/N rows in a layer's dispatch and sends (total − load_r)/N; the combine mirrors
 it, so a layer's exchange takes 2·max_r max(received_r, sent_r)/bandwidth. The placement

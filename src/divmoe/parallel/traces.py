@@ -64,7 +64,8 @@ class RoutingTrace:
             valid = ids_TK >= 0
             slot = torch.where(valid.any(1), valid.int().argmax(1), -1)
             home_slots.append(slot)
-            homes.append(torch.where(slot >= 0, ids_TK.gather(1, slot.clamp_min(0)[:, None])[:, 0], -1))
+            first = ids_TK.gather(1, slot.clamp_min(0)[:, None])[:, 0]
+            homes.append(torch.where(slot >= 0, first, -1))
 
         def pair_counts(home_T, ids_TK, keep_TK):
             ok = keep_TK & (ids_TK >= 0) & (home_T[:, None] >= 0)
