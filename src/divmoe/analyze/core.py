@@ -143,10 +143,10 @@ def route_validation(src: AnalysisSource, max_bytes: int = DEFAULT_MAX_BYTES,
                      progress: bool = True, data: str | Path | None = None) -> Routed:
     """Route the validation split (the run's corpus for a divmoe run unless ``data`` is
     given; else the embedded one) through ``src``, recording every layer's routing and a
-    sample of ``probe_tokens`` layer inputs."""
+    sample of ``probe_tokens`` layer inputs (0: none)."""
     windows, data = validation_windows(src, max_bytes, data)
     domains = sorted(windows)
-    rec = _Recorder(src, max(1, probe_tokens // len(domains)))
+    rec = _Recorder(src, probe_tokens and max(1, probe_tokens // len(domains)))
     dom_of_batch: list[int] = []
     try:
         with torch.no_grad():
