@@ -2,6 +2,7 @@
 greedy fallback, placement.json validation, the simulator, the byte counter, and
 `divmoe train --set parallel.placement=...` on two gloo ranks equal to one process."""
 
+import importlib.util
 import itertools
 import json
 import os
@@ -25,7 +26,8 @@ from divmoe.train.loop import _placement
 
 from spawn import run_ranks
 
-pytest.importorskip("scipy.optimize", reason="the MILP needs scipy (the placement extra)")
+needs_scipy = pytest.mark.skipif(importlib.util.find_spec("scipy") is None,
+                                 reason="the MILP needs scipy (the placement extra)")
 
 
 def _known_trace():
@@ -63,6 +65,7 @@ def test_trace_counts_homes_next_layer_and_other_slots():
     assert RoutingTrace.from_json(json.loads(json.dumps(t.to_json())), "x").to_json() == t.to_json()
 
 
+@needs_scipy
 def test_milp_finds_the_known_optimum():
     trace = _known_trace()
     solved = solve(trace, 2)
@@ -86,6 +89,7 @@ def _brute_force(trace, N):
                for rk in itertools.product(layer_choices, repeat=trace.num_layers))
 
 
+@needs_scipy
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_milp_equals_brute_force_and_greedy_is_valid(seed):
     trace = _random_trace(seed)
@@ -190,6 +194,7 @@ def test_projection_rows():
         project(_random_trace(1), ranks=(3,))
 
 
+@needs_scipy
 def test_place_cli(tmp_path, capsys):
     _known_trace().save(tmp_path / "trace.json")
     assert main(["place", str(tmp_path / "trace.json"), "--ranks", "2",
