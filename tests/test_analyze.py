@@ -7,6 +7,7 @@ import torch
 
 from divmoe.analyze import AnalyzeError, analyze
 from divmoe.cli import main
+from divmoe.parallel.traces import load_trace
 from divmoe.train import load_config, train
 
 from test_train import TINY
@@ -57,6 +58,12 @@ def test_analyze_divmoe_run(tmp_path, capsys):
     assert data["source"]["kind"] == "divmoe" and data["source"]["tokenizer"] == "byte"
     assert data["data"]["tokens_by_domain"] == {d: 1024 for d in data["data"]["domains"]}
     assert len(data["training_load"]["steps"]) == 4            # from metrics.jsonl
+    # the routing trace `divmoe place` reads: every token through both MoE blocks
+    trace = load_trace(out)
+    assert trace.layers == [0, 1] and trace.tokens == sum(data["data"]["tokens_by_domain"].values())
+    assert trace.load_LE.sum(1).tolist() == [trace.tokens * 2] * 2  # top-2, no empty slots
+    assert trace.load_LE.tolist() == [[sum(c) for c in lay["counts_by_domain"]]
+                                      for lay in data["layers"]]
     # the checkpoint folder itself works too
     analyze(run / "checkpoint", tmp_path / "a2", max_bytes=512, progress=False)
     assert (tmp_path / "a2" / "analysis.json").is_file()

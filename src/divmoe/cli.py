@@ -133,6 +133,62 @@ def _cmd_bench(args) -> int:
     return 1 if any(not c["ok"] for c in out.get("checks", [])) else 0
 
 
+def _cmd_place(args) -> int:
+    from pathlib import Path
+
+    from .parallel.placement import contiguous, cost, round_robin, solve
+    from .parallel.traces import load_trace
+
+    if args.simulate and (args.ranks is not None or args.out is not None):
+        raise ValueError("--simulate projects to the ranks it lists and writes no placement: "
+                         "drop --ranks and --out")
+    if not args.simulate and (args.ranks is None or args.out is None):
+        raise ValueError("divmoe place needs --ranks N and --out placement.json "
+                         "(or --simulate RANKS)")
+    if args.out is not None and Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a folder; give the placement file's path")
+    trace = load_trace(args.source)
+    print(f"trace: {trace.num_layers} MoE layers × {trace.num_experts} experts, "
+          f"top-{trace.top_k}, d_model {trace.d_model}, {trace.tokens} tokens "
+          f"({args.source})")
+    if args.save_trace:
+        trace.save(args.save_trace)
+        print(f"trace: {args.save_trace}")
+    if args.simulate:
+        from .parallel.simulate import format_projection, project
+
+        try:
+            ranks = tuple(int(r) for r in args.simulate.split(","))
+        except ValueError:
+            raise ValueError(f"--simulate {args.simulate!r}: give rank counts separated by "
+                             f"commas, e.g. 8,16,32") from None
+        rows = project(trace, ranks, args.experts_per_rank, args.dtype_bytes,
+                       args.tokens_per_rank, args.bandwidth_gbs * 1e9, args.time_limit)
+        print(format_projection(rows))
+        return 0
+    solved = solve(trace, args.ranks, time_limit=args.time_limit,
+                   traffic_weight=args.traffic_weight)
+    print(f"{'placement':<12} {'load max/mean':>13} {'worst layer':>11} "
+          f"{'origin B/token':>14} {'follow B/token':>14} {'follow cut':>10} "
+          f"{'objective':>9}  method")
+    for name, pl in (("contiguous", contiguous(trace, args.ranks)),
+                     ("round-robin", round_robin(trace, args.ranks)), ("solved", solved)):
+        c = cost(trace, pl, args.dtype_bytes, args.traffic_weight)
+        print(f"{name:<12} {c.imbalance:>13.3f} {c.worst_imbalance:>11.3f} "
+              f"{c.origin_bytes:>14.0f} {c.follow_bytes:>14.0f} {c.cut_share:>10.3f} "
+              f"{c.objective:>9.3f}  {pl.method}")
+    shown = ("why", "time_s", "milp_time_s", "status", "mip_gap", "milp_objective",
+             "greedy_objective")
+    how = "; ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in solved.info.items() if k in shown)
+    print(f"solved by {solved.method} ({how})")
+    solved.info["source"] = str(args.source)
+    solved.save(args.out)
+    print(f"placement: {args.out} (divmoe train --set parallel.expert={args.ranks} "
+          f"--set parallel.placement={args.out} under torchrun)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="divmoe", description="Mixtures of diverse, balanced experts.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -160,6 +216,33 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "of the embedded one (same layouts as data.corpus)")
     an.add_argument("--quiet", action="store_true", help="no progress on stderr")
     an.set_defaults(func=_cmd_analyze)
+
+    pl = sub.add_parser("place", help="expert → rank placement from routing traces (MoETuner "
+                                      "integer program) → placement.json; --simulate: project "
+                                      "to more ranks")
+    pl.add_argument("source", metavar="RUN_OR_TRACE",
+                    help="a divmoe run folder (its validation data is routed now), an analyze "
+                         "folder or analysis.json, or a trace.json")
+    pl.add_argument("--ranks", type=int, help="expert-parallel ranks N (must divide the experts)")
+    pl.add_argument("--out", help="placement file to write (placement.json)")
+    pl.add_argument("--time-limit", type=float, default=60.0, metavar="S",
+                    help="seconds for the MILP (then the better of its best and greedy; "
+                         "default 60; --simulate: per rank count)")
+    pl.add_argument("--traffic-weight", type=float, default=1.0, metavar="W",
+                    help="weight of the cross-rank traffic share against the load max/mean "
+                         "(default 1)")
+    pl.add_argument("--dtype-bytes", type=int, default=4, help="bytes per value of a token row "
+                                                               "(4 = float32, 2 = bf16)")
+    pl.add_argument("--save-trace", metavar="FILE", help="also write the routing trace (JSON)")
+    pl.add_argument("--simulate", metavar="RANKS", help="instead: project to these rank counts, "
+                                                        "e.g. 8,16,32,64,128,256")
+    pl.add_argument("--experts-per-rank", type=int, default=2,
+                    help="--simulate: experts per rank (measured experts split to reach it)")
+    pl.add_argument("--tokens-per-rank", type=int, default=4096,
+                    help="--simulate: tokens per rank per step (default 4096)")
+    pl.add_argument("--bandwidth-gbs", type=float, default=25.0,
+                    help="--simulate: link bandwidth per rank in GB/s (default 25)")
+    pl.set_defaults(func=_cmd_place)
 
     mx = sub.add_parser("mixture", help="data-mixture tools")
     mxs = mx.add_subparsers(dest="mixture_command", required=True)

@@ -8,6 +8,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from ..diagnostics import (cache_gain_at, expert_domain_counts, expert_output_ve
                            sch_curve, specialization_summary, srp_curve)
 from ..diagnostics.redundancy import probe_experts
 from ..files import atomic_write_text, check_output_folder
+from ..parallel.traces import trace_of
 from .source import AnalysisSource, AnalyzeError, load_source
 
 DEFAULT_MAX_BYTES = 32768
@@ -101,6 +103,66 @@ def _curve(d: dict) -> dict:
     return {"segment_lens": list(d), "values": list(d.values())}
 
 
+@dataclass
+class Routed:
+    """The validation data routed through a model: per layer, per batch, the experts of every
+    token (``rec.ids``), with the batches' domains."""
+    rec: "_Recorder"
+    domains: list[str]
+    windows: dict[str, torch.Tensor]
+    dom_of_batch: list[int]
+    data: str | Path | None
+
+    def ids_by_layer(self) -> list[torch.Tensor]:
+        """Per layer, [T, K] chosen experts of all tokens, in the same order in every layer."""
+        return [torch.cat([b.reshape(-1, b.shape[-1]) for b in ids]).long() for ids in self.rec.ids]
+
+
+def validation_windows(src: AnalysisSource, max_bytes: int = DEFAULT_MAX_BYTES,
+                       data: str | Path | None = None) -> tuple[dict, str | Path | None]:
+    """Token windows [N, seq_len] of the first ``max_bytes`` validation bytes of every domain
+    (the run's corpus for a divmoe run unless ``data`` is given; else the embedded one), and
+    the corpus used."""
+    val_fraction = 0.05
+    if src.kind == "divmoe":
+        from ..train.config import load_config
+
+        run_data = load_config(src.info["config"]).data
+        val_fraction = run_data.val_fraction
+        data = data if data is not None else run_data.corpus
+    val_docs = load_corpus("val") if data is None else \
+        load_user_corpus(data, src.seq_len, val_fraction)["val"]
+    streams = _domain_streams(val_docs)
+    windows = {d: _windows(src.encode(streams[d][:max_bytes]), src.seq_len)
+               for d in sorted(streams)}
+    return windows, data
+
+
+def route_validation(src: AnalysisSource, max_bytes: int = DEFAULT_MAX_BYTES,
+                     batch_size: int = 16, probe_tokens: int = PROBE_TOKENS,
+                     progress: bool = True, data: str | Path | None = None) -> Routed:
+    """Route the validation split (the run's corpus for a divmoe run unless ``data`` is
+    given; else the embedded one) through ``src``, recording every layer's routing and a
+    sample of ``probe_tokens`` layer inputs (0: none)."""
+    windows, data = validation_windows(src, max_bytes, data)
+    domains = sorted(windows)
+    rec = _Recorder(src, probe_tokens and max(1, probe_tokens // len(domains)))
+    dom_of_batch: list[int] = []
+    try:
+        with torch.no_grad():
+            for di, d in enumerate(domains):
+                rec.new_domain()
+                batches = windows[d].split(batch_size)
+                _log(progress, f"domain {d}: {windows[d].numel()} tokens in {len(batches)} batches")
+                for b in batches:
+                    rec.batch_shape = tuple(b.shape)
+                    src.forward(b)
+                    dom_of_batch.append(di)
+    finally:
+        rec.close()
+    return Routed(rec, domains, windows, dom_of_batch, data)
+
+
 def analyze(path: str | Path, out: str | Path, max_bytes: int = DEFAULT_MAX_BYTES,
             probe_tokens: int = PROBE_TOKENS, batch_size: int = 16,
             progress: bool = True, data: str | Path | None = None) -> dict:
@@ -119,42 +181,20 @@ def analyze(path: str | Path, out: str | Path, max_bytes: int = DEFAULT_MAX_BYTE
         _log(True, f"note: {note}")
     _log(progress, f"{src.kind} model from {src.path}: {len(src.moes)} MoE layers, "
                    f"E={src.info['num_experts']}, k={src.info['top_k']}, tokenizer {src.tokenizer}")
-    val_fraction = 0.05
-    if src.kind == "divmoe":
-        from ..train.config import load_config
-
-        run_data = load_config(src.info["config"]).data
-        val_fraction = run_data.val_fraction
-        data = data if data is not None else run_data.corpus
-    val_docs = load_corpus("val") if data is None else load_user_corpus(data, src.seq_len, val_fraction)["val"]
-    streams = _domain_streams(val_docs)
-    domains = sorted(streams)
-    windows = {d: _windows(src.encode(streams[d][:max_bytes]), src.seq_len) for d in domains}
+    routed = route_validation(src, max_bytes, batch_size, probe_tokens, progress, data)
+    rec, domains, windows = routed.rec, routed.domains, routed.windows
+    dom_of_batch, data = routed.dom_of_batch, routed.data
     L, E, K = len(src.moes), int(src.info["num_experts"]), int(src.info["top_k"])
-
-    rec = _Recorder(src, max(1, probe_tokens // len(domains)))
-    dom_of_batch: list[int] = []
-    try:
-        with torch.no_grad():
-            for di, d in enumerate(domains):
-                rec.new_domain()
-                batches = windows[d].split(batch_size)
-                _log(progress, f"domain {d}: {windows[d].numel()} tokens in {len(batches)} batches")
-                for b in batches:
-                    rec.batch_shape = tuple(b.shape)
-                    src.forward(b)
-                    dom_of_batch.append(di)
-    finally:
-        rec.close()
 
     _log(progress, "computing diagnostics")
     S = max(w.shape[1] for w in windows.values())
     seg_lens = _powers_of_two(S)
     layers = []
+    ids_by_layer = routed.ids_by_layer()
     for li in range(L):
         name = src.layer_names[li]
         # tokens per domain, flattened in order, with their domain label
-        ids_TK = torch.cat([b.reshape(-1, b.shape[-1]) for b in rec.ids[li]]).long()
+        ids_TK = ids_by_layer[li]
         dom_T = torch.cat([torch.full((b.shape[0] * b.shape[1],), di, dtype=torch.long)
                            for b, di in zip(rec.ids[li], dom_of_batch)])
         counts_ED = expert_domain_counts(ids_TK, dom_T, E, len(domains))
@@ -227,6 +267,7 @@ def analyze(path: str | Path, out: str | Path, max_bytes: int = DEFAULT_MAX_BYTE
         "summary": summary,
         "layers": layers,
     }
+    result["placement_trace"] = trace_of(src, ids_by_layer).to_json()
     if src.kind == "hf":
         result["hf_check"] = {"max_abs_diff_divmoe_vs_hf_block": rec.hf_max_diff}
     traj = _training_load(src)

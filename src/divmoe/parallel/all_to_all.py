@@ -5,8 +5,9 @@ Backward is the same exchange with the splits swapped: the gradient of the rows 
 received goes back to the rank that sent them. Every rank of the group must call it, with
 any number of rows (zero included), in the same order as the others — forward and backward.
 
-:func:`metered` counts what the exchanges move and how long they take (``divmoe bench
---distributed``, the placement measurements); outside it nothing is counted.
+Inside ``with metered() as m:`` every exchange of this process is counted into ``m``
+(``divmoe bench --distributed``, ``divmoe train``'s ``all_to_all_bytes_per_token``, the placement
+measurements); meters nest, and outside them nothing is counted.
 """
 
 from __future__ import annotations
@@ -22,40 +23,46 @@ import torch.distributed as dist
 
 @dataclass
 class ExchangeMeter:
-    """What this rank's exchanges moved while :func:`metered` was active."""
-    calls: int = 0
-    bytes_sent: int = 0       # rows sent to other ranks (a rank's rows to itself stay local)
-    bytes_received: int = 0   # rows received from other ranks
-    seconds: float = 0.0      # wall time inside all_to_all_single (gloo on CPU is synchronous)
+    """What this rank's exchanges did while :func:`metered` was active."""
+    calls: int = 0            # all-to-alls: token rows forward and backward, and the counts
+    bytes_sent: int = 0       # token rows sent to other ranks (rows to itself cross no link)
+    bytes_received: int = 0   # token rows received from other ranks
+    seconds: float = 0.0      # wall time inside all_to_all_single (gloo on CPU blocks in it)
 
 
-_meter: ExchangeMeter | None = None
+_meters: list[ExchangeMeter] = []  # the open metered() contexts of this process
 
 
 @contextlib.contextmanager
 def metered():
-    """``with metered() as m:`` counts every exchange of this process into ``m``."""
-    global _meter
-    outer, _meter = _meter, ExchangeMeter()
+    """``with metered() as m: ...`` — the :class:`ExchangeMeter` of the exchanges inside."""
+    meter = ExchangeMeter()
+    _meters.append(meter)
     try:
-        yield _meter
+        yield meter
     finally:
-        _meter = outer
+        _meters.remove(meter)
 
 
-def _all_to_all(out, inp, recv_splits, send_splits, group) -> None:
+def _all_to_all(out, inp, recv_splits, send_splits, group, rows: bool = True) -> None:
+    """``all_to_all_single``, counted by the open meters; ``rows=False``: control traffic
+    (the per-expert counts, W·E/W integers) adds to calls and seconds, not to the bytes."""
     t0 = time.perf_counter()
     dist.all_to_all_single(out, inp, output_split_sizes=recv_splits,
                            input_split_sizes=send_splits, group=group)
-    if _meter is not None:
-        _meter.seconds += time.perf_counter() - t0
-        me, W = dist.get_rank(group), dist.get_world_size(group)
+    if not _meters:
+        return
+    seconds = time.perf_counter() - t0
+    sent = received = 0
+    if rows:
+        me = dist.get_rank(group)
         row = math.prod(inp.shape[1:]) * inp.element_size()
-        send = send_splits if send_splits is not None else [inp.shape[0] // W] * W
-        recv = recv_splits if recv_splits is not None else [out.shape[0] // W] * W
-        _meter.calls += 1
-        _meter.bytes_sent += row * (sum(send) - send[me])
-        _meter.bytes_received += row * (sum(recv) - recv[me])
+        sent, received = row * (sum(send_splits) - send_splits[me]), row * (sum(recv_splits) - recv_splits[me])
+    for m in _meters:
+        m.calls += 1
+        m.seconds += seconds
+        m.bytes_sent += sent
+        m.bytes_received += received
 
 
 def exchange(x_ND: torch.Tensor, send_splits: list[int], recv_splits: list[int],
@@ -72,7 +79,7 @@ def exchange_counts(counts: torch.Tensor, group=None) -> torch.Tensor:
     """Equal-sized exchange without autograd: ``counts`` [W, n] → row r of the result is what
     rank r sent to this rank (e.g. its per-expert row counts for this rank's experts)."""
     out = torch.empty_like(counts)
-    _all_to_all(out, counts.contiguous(), None, None, group)
+    _all_to_all(out, counts.contiguous(), None, None, group, rows=False)
     return out
 
 

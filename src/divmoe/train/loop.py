@@ -37,6 +37,7 @@ from ..parallel.expert_shards import (full_model_state, full_optimizer_named,
                                       named_optimizer_state, optimizer_state_from_named,
                                       shard_optimizer_named)
 from ..parallel.all_to_all import metered
+from ..parallel.placement import load_placement
 from ..parallel.ranks import check_run_parallel, init_ranks, launched_distributed
 from ..balance.loss_free import max_vio
 from ..routing.plan import count_per_expert
@@ -277,10 +278,16 @@ def train(out: str | Path, config: RunConfig | None = None, resume: bool = False
             dist.destroy_process_group()
 
 
-def _placement(path):
+def _placement(cfg: RunConfig, model: MoETransformer, ranks) -> dict[int, list[list[int]]] | None:
+    """The experts each rank holds per MoE block, from ``parallel.placement`` (None: the
+    default contiguous split); refused when made for other ranks, experts or MoE blocks."""
+    path = cfg.parallel.placement
     if path is None:
         return None
-    raise ConfigError("parallel.placement is not wired yet")
+    placement = load_placement(path)
+    placement.check_run(model.moe_layers, cfg.moe.num_experts, ranks.expert,
+                        f"parallel.placement={path}")
+    return placement.experts_by_rank
 
 
 def _log(msg: str) -> None:
@@ -319,7 +326,7 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
 
     if ranks is not None:
         check_run_parallel(cfg, ranks)
-    elif cfg.parallel.placement:
+    if cfg.parallel.placement and (ranks is None or ranks.expert == 1):
         raise ConfigError("parallel.placement applies under torchrun with parallel.expert > 1")
 
     torch.manual_seed(cfg.train.seed)
@@ -351,7 +358,7 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
         # The checkpoint holds the single-process state; each rank keeps its experts of it.
         full_names = optimizer_param_names(model)
         full_named = named_optimizer_state(optimizer, sum(full_names, []))
-        model.shard_experts(ranks.expert_group, _placement(cfg.parallel.placement))
+        model.shard_experts(ranks.expert_group, _placement(cfg, model, ranks))
         optimizer = build_optimizer(model, cfg)
         shard_names = optimizer_param_names(model)
         optimizer.load_state_dict(optimizer_state_from_named(
