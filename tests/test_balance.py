@@ -1,13 +1,13 @@
-"""Balancers of issue 3: aux-loss scopes, capacity (drop / reroute), HMoE small-expert bias,
-Dirichlet prior, and the loss-free bias invariants."""
+"""Balancers of issue 3: aux-loss scopes, capacity (drop / reroute), HMoE small-expert bias
+and the loss-free bias invariants (the Dirichlet prior: test_dirichlet_prior.py)."""
 
 import math
 
 import pytest
 import torch
 
-from divmoe.balance import (BalanceContext, aux_loss, apply_capacity, dirichlet_prior,
-                            slot_capacity, small_expert_bias)
+from divmoe.balance import (BalanceContext, aux_loss, apply_capacity, slot_capacity,
+                            small_expert_bias)
 from divmoe.config import ConfigError
 from divmoe.diagnostics.load import max_vio
 from divmoe.layer import MoE, MoEConfig
@@ -297,49 +297,6 @@ def test_small_expert_bias_in_layer_uses_expert_sizes():
     assert math.isclose(out.stats.losses["small_expert_bias"],
                         float(small_expert_bias(plan, ctx).detach()), rel_tol=1e-12)
     assert float(out.stats.losses["small_expert_bias"]) != pytest.approx(float(equal))
-    out.aux_loss.backward()
-    assert router_grad(moe) > 0
-
-
-# ---------------------------------------------------------------- dirichlet_prior
-
-def test_dirichlet_prior_closed_form():
-    E = 4
-    plan = plan_of([[0]] * 3, [[0.25] * 4] * 3)
-    alpha = torch.full((E,), 2.0)
-    ctx = BalanceContext(dirichlet_alpha_E=alpha)
-    # −log Dir(u; 2) = −[lgamma(8) − 4·lgamma(2) + 4·log(1/4)]
-    expected = -(math.lgamma(8.0) - 4 * math.lgamma(2.0) + 4 * math.log(0.25))
-    assert math.isclose(float(dirichlet_prior(plan, ctx)), expected, rel_tol=1e-12)
-    # α = 1 is the flat density: constant −lgamma(E)
-    ctx.dirichlet_alpha_E = torch.ones(E)
-    assert math.isclose(float(dirichlet_prior(plan, ctx)), -math.lgamma(4.0), rel_tol=1e-12)
-    # asymmetric α: matches torch.distributions
-    a = torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64)
-    p = torch.tensor([[0.1, 0.2, 0.3, 0.4]], dtype=torch.float64)
-    ctx.dirichlet_alpha_E = a
-    ref = -torch.distributions.Dirichlet(a).log_prob(p)
-    assert math.isclose(float(dirichlet_prior(plan_of([[0]], p), ctx)), float(ref), rel_tol=1e-10)
-
-
-def test_dirichlet_prior_large_alpha_prefers_spread_routing():
-    ctx = BalanceContext(dirichlet_alpha_E=torch.full((4,), 3.0))
-    flat = plan_of([[0]], [[0.25] * 4])
-    peaked = plan_of([[0]], [[0.85, 0.05, 0.05, 0.05]])
-    assert float(dirichlet_prior(flat, ctx)) < float(dirichlet_prior(peaked, ctx))
-    ctx.dirichlet_alpha_E = torch.full((4,), 0.5)  # small α: the reverse
-    assert float(dirichlet_prior(flat, ctx)) > float(dirichlet_prior(peaked, ctx))
-
-
-def test_dirichlet_prior_in_layer():
-    moe = layer(num_experts=3, top_k=1, balance=["dirichlet_prior"],
-                dirichlet_alpha_per_expert=[1.5, 2.0, 4.0])
-    x = torch.randn(2, 6, 8, dtype=torch.float64)
-    out = moe(x)
-    probs = moe.router(x.reshape(-1, 8)).probs_TE
-    ref = -torch.distributions.Dirichlet(torch.tensor([1.5, 2.0, 4.0], dtype=torch.float64)) \
-        .log_prob(probs).mean()
-    assert math.isclose(out.stats.losses["dirichlet_prior"], float(ref), rel_tol=1e-6)
     out.aux_loss.backward()
     assert router_grad(moe) > 0
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from . import BALANCERS
 from .context import BalanceContext
+from .dirichlet import cf_steps
 from .loss_free import update_selection_bias
 
 
@@ -45,6 +46,7 @@ class Balancer(nn.Module):
         alpha = cfg.dirichlet_alpha_per_expert or [cfg.dirichlet_alpha] * E
         self.register_buffer("dirichlet_alpha_E", torch.tensor(alpha, dtype=torch.float64),
                              persistent=False)
+        self.dirichlet_cf_steps = cf_steps(alpha)
         self.register_buffer("expert_sizes_E", torch.tensor(expert_sizes, dtype=torch.float64),
                              persistent=False)
         # Selection-only bias (loss-free balancing; DeepSeek-V3's e_score_correction_bias).
@@ -80,6 +82,7 @@ class Balancer(nn.Module):
         is the layer input's, [..., S, d] when the tokens form sequences of S."""
         ctx = BalanceContext(aux_loss_scope=self.aux_loss_scope,
                              dirichlet_alpha_E=self.dirichlet_alpha_E,
+                             dirichlet_cf_steps=self.dirichlet_cf_steps,
                              expert_sizes_E=self.expert_sizes_E)
         if self.aux_loss_scope == "sequence" and "aux_loss" in self.loss_terms:
             if len(input_shape) < 3:
