@@ -384,3 +384,68 @@ def test_grad_accum_global_batch_trains_and_resumes_exactly(tmp_path):
                           for r in rows]
     assert [r["step"] for r in full.metrics] == [0, 2, 4]
     assert strip(resumed.metrics) == strip(full.metrics)
+
+
+def _lm_and_batches(global_counts, seed=0):
+    from divmoe.models.transformer import ModelConfig, MoETransformer
+    torch.manual_seed(seed)
+    model = MoETransformer(ModelConfig(d_model=16, n_layers=1, n_heads=2, seq_len=12),
+                           MoEConfig(num_experts=4, top_k=1, expert_hidden=8, balance=["aux_loss"],
+                                     aux_loss_weight=1.0, aux_loss_scope="global_batch",
+                                     aux_loss_global_counts=global_counts)).double()
+    # Two micro-batches that route differently (different byte ranges).
+    tokens = torch.cat([torch.randint(0, 64, (2, 13)), torch.randint(128, 256, (2, 13))])
+    return model, tokens
+
+
+def _one_sgd_step(model, micro_batches):
+    from divmoe.train import train_step
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    train_step(model, opt, micro_batches)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_global_counting_pass_equals_one_batch_of_the_whole_step():
+    """counting_pass is exact: 2 micro-batches of 2 sequences give the step one batch of 4
+    gives (SGD, so equal gradients ⇔ equal parameters); running (the buffer) does not."""
+    model, tokens = _lm_and_batches("counting_pass")
+    one_batch = _one_sgd_step(model, [tokens])
+    model, tokens = _lm_and_batches("counting_pass")
+    counted = _one_sgd_step(model, [tokens[:2], tokens[2:]])
+    torch.testing.assert_close(counted, one_batch, rtol=1e-10, atol=1e-12)
+    model, tokens = _lm_and_batches("running")
+    running = _one_sgd_step(model, [tokens[:2], tokens[2:]])
+    assert float((running - one_batch).abs().max()) > 1e-6
+
+
+def test_global_counting_pass_feeds_every_micro_batch_the_step_counts():
+    model, tokens = _lm_and_batches("counting_pass")
+    moe = model.blocks[0].mlp
+    model.train()
+    model.begin_step()
+    model.count_step([tokens[:2, :-1], tokens[2:, :-1]])
+    step_counts = moe.balancer.step_counts_E.clone()
+    first = model(tokens[:2, :-1]).stats[0].tokens_per_expert.double()
+    second = model(tokens[2:, :-1]).stats[0].tokens_per_expert.double()
+    torch.testing.assert_close(step_counts, first + second)  # the pass saw the step's routing
+    torch.testing.assert_close(moe.balancer.step_counts_E, step_counts)  # and nothing re-adds
+    model.update_balancers()
+    assert float(moe.balancer.step_counts_E.sum()) == 0 and not moe.balancer.counts_complete
+
+
+def test_global_counting_pass_leaves_the_loss_free_load_and_rng_alone():
+    from divmoe.models.transformer import ModelConfig, MoETransformer
+    torch.manual_seed(0)
+    model = MoETransformer(ModelConfig(d_model=16, n_layers=1, n_heads=2, seq_len=12),
+                           MoEConfig(num_experts=4, top_k=1, expert_hidden=8, jitter=0.1,
+                                     balance=["aux_loss", "loss_free_bias"],
+                                     aux_loss_scope="global_batch",
+                                     aux_loss_global_counts="counting_pass"))
+    tokens = torch.randint(0, 256, (4, 12))
+    balancer = model.blocks[0].mlp.balancer
+    model.begin_step()
+    state = torch.random.get_rng_state()
+    model.count_step([tokens[:2], tokens[2:]])
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert float(balancer.load_since_update_E.sum()) == 0
+    assert float(balancer.step_counts_E.sum()) == 4 * 12

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .balance import AUX_LOSS_SCOPES, BALANCERS, CAPACITY_OVERFLOW
+from .balance import AUX_LOSS_SCOPES, BALANCERS, CAPACITY_OVERFLOW, GLOBAL_COUNTS
 from .config import option
 from .dispatch import DISPATCHERS, check_dispatch
 from .diversity.regularizers import DIVERSITY_REGULARIZERS
@@ -55,6 +55,13 @@ class MoEConfig:
                                  help="tokens aux_loss counts f and P over: micro_batch; sequence "
                                       "(DeepSeek-V3, input [..., S, d]); global_batch (f over all "
                                       "micro-batches and ranks of an optimizer step)")
+    aux_loss_global_counts: str = option("running", choices=list(GLOBAL_COUNTS),
+                                         help="global_batch under grad_accum: running = micro-"
+                                              "batch j uses the counts of micro-batches 0..j "
+                                              "(the paper's buffer); counting_pass = every "
+                                              "micro-batch uses the whole step's counts, from "
+                                              "a no-grad forward over the step first (exact, "
+                                              "one more forward per step)")
     capacity_overflow: str = option("drop", choices=list(CAPACITY_OVERFLOW),
                                     help="capacity: drop the slots past an expert's capacity, or "
                                          "reroute them to the next-best expert with room")

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from ..config import ConfigError, check_per_expert
 from ..routing.null_experts import null_usage_loss
+from .aux_scope import GLOBAL_COUNTS
 from .aux_scope import SCOPES as AUX_LOSS_SCOPES
 from .capacity import OVERFLOW as CAPACITY_OVERFLOW
 from .capacity import Capacity, apply_capacity, slot_capacity, tokens_per_expert_choice
@@ -61,7 +62,8 @@ def _check_loss_free(cfg, prefix: str) -> None:
 
 BALANCERS: dict[str, BalanceTerm] = {
     "aux_loss": BalanceTerm("loss", aux_loss, "aux_loss_weight",
-                            ("aux_loss_weight", "aux_loss_scope"), doc=aux_loss),
+                            ("aux_loss_weight", "aux_loss_scope", "aux_loss_global_counts"),
+                            doc=aux_loss),
     "z_loss": BalanceTerm("loss", z_loss, "z_loss_weight", ("z_loss_weight",), doc=z_loss),
     "small_expert_bias": BalanceTerm("loss", small_expert_bias, "small_expert_bias_weight",
                                      ("small_expert_bias_weight", "expert_widths")),
@@ -81,6 +83,7 @@ PLAN_TRANSFORMS = {n: t.impl for n, t in BALANCERS.items() if t.kind == "transfo
 from .balancer import Balancer  # noqa: E402  (it reads BALANCERS)
 
 __all__ = ["BALANCERS", "BALANCE_LOSSES", "PLAN_TRANSFORMS", "BalanceTerm", "Balancer",
-           "AUX_LOSS_SCOPES", "CAPACITY_OVERFLOW", "BalanceContext", "aux_loss", "z_loss",
+           "AUX_LOSS_SCOPES", "GLOBAL_COUNTS", "CAPACITY_OVERFLOW", "BalanceContext", "aux_loss",
+           "z_loss",
            "small_expert_bias", "dirichlet_prior", "apply_capacity", "slot_capacity",
            "tokens_per_expert_choice", "update_selection_bias", "null_usage_loss"]

@@ -1,8 +1,9 @@
 """One optimizer step of the LM: the step ``divmoe train``, ``divmoe bench --train`` and the
 tests all run.
 
-Per step: set the learning rate (if given), clear gradients, start the Balancer's step,
-then for every micro-batch forward with targets (the model computes the cross-entropy) and
+Per step: set the learning rate (if given), clear gradients, start the Balancer's step
+(and, for ``moe.aux_loss_global_counts=counting_pass``, count the step's routing in a
+forward without gradients), then for every micro-batch forward with targets (the model computes the cross-entropy) and
 backward (ce + aux) / n; one finite check of the step's loss (the step's only host read),
 gradient-norm clip, optimizer step, balancer update.
 
@@ -37,6 +38,8 @@ def train_step(model, optimizer: torch.optim.Optimizer, micro_batches: Sequence[
     optimizer.zero_grad(set_to_none=True)
     model.begin_step()  # global-batch balancing counts start afresh each step
     n = len(micro_batches)
+    if n > 1:  # with one micro-batch its running counts are already the step's
+        model.count_step([tokens[:, :-1] for tokens in micro_batches])
     ce_sum = total_sum = 0.0
     stats = []
     for tokens in micro_batches:
