@@ -303,10 +303,11 @@ def test_small_expert_bias_in_layer_uses_expert_sizes():
 
 # ---------------------------------------------------------------- loss-free bias invariants
 
-def test_loss_free_bias_lowers_max_vio_on_a_skewed_router():
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])  # sigmoid: the paper's gate
+def test_loss_free_bias_lowers_max_vio_on_a_skewed_router(score_func):
     torch.manual_seed(7)
     moe = MoE(8, MoEConfig(num_experts=4, top_k=1, balance=["loss_free_bias"],
-                           bias_update_rate=1e-2))
+                           bias_update_rate=1e-2, score_func=score_func))
     with torch.no_grad():
         moe.router.gate.weight[0] += 0.5  # skewed towards expert 0
     x = torch.rand(64, 8) + 0.2
@@ -323,9 +324,11 @@ def test_loss_free_bias_lowers_max_vio_on_a_skewed_router():
     assert end < start and min(vios[-20:]) < start
 
 
-def test_loss_free_bias_does_not_change_combine_gradients():
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_loss_free_bias_does_not_change_combine_gradients(score_func):
     torch.manual_seed(8)
-    moe = MoE(8, MoEConfig(num_experts=6, top_k=2, balance=["loss_free_bias"])).double()
+    moe = MoE(8, MoEConfig(num_experts=6, top_k=2, balance=["loss_free_bias"],
+                           score_func=score_func)).double()
     x = torch.randn(40, 8, dtype=torch.float64)
     g = torch.randn(40, 2, dtype=torch.float64)
     bias = 1e-4 * torch.randn(6, dtype=torch.float64)  # too small to change any choice
@@ -340,6 +343,46 @@ def test_loss_free_bias_does_not_change_combine_gradients():
     ids1, g1 = combine_grad(bias)
     assert torch.equal(ids0, ids1)
     assert torch.equal(g0, g1)
+
+
+def test_loss_free_bias_with_sigmoid_selects_by_biased_scores_and_weights_by_sigmoid():
+    """Wang et al.'s gate: g_i = s_i for i in TopK(s_i + b_i), s = sigmoid(logits),
+    renormalised over the chosen experts; a bias large enough changes the choice, never the
+    weight of a chosen expert."""
+    torch.manual_seed(9)
+    moe = MoE(8, MoEConfig(num_experts=4, top_k=2, balance=["loss_free_bias"],
+                           score_func="sigmoid")).double()
+    x = torch.randn(16, 8, dtype=torch.float64)
+    bias = torch.tensor([0.0, 0.0, 0.0, 10.0], dtype=torch.float64)  # expert 3 always chosen
+    with torch.no_grad():
+        plan = moe.router(x, selection_bias_E=bias)
+        s = moe.router.gate(x).sigmoid()
+    assert bool((plan.expert_ids_TK == 3).any(-1).all())
+    other = (s[:, :3]).argmax(-1)
+    expected_ids = torch.stack([other, torch.full_like(other, 3)], -1)
+    assert torch.equal(plan.expert_ids_TK.sort(-1).values, expected_ids)
+    chosen = s.gather(1, plan.expert_ids_TK)
+    torch.testing.assert_close(plan.weights_TK, chosen / chosen.sum(-1, keepdim=True))
+
+
+def test_training_batch_max_vio_is_the_steps_whole_batch():
+    """MaxVio_batch (Loss-Free Balancing): the load of the step's whole batch, all micro-batches
+    summed, not one micro-batch's."""
+    from divmoe.models.transformer import ModelConfig, MoETransformer
+    from divmoe.train import train_step
+    from divmoe.train.step import batch_max_vio
+    assert math.isclose(float(batch_max_vio(torch.tensor([[3.0, 1.0], [2.0, 2.0]]))), 0.25)
+    torch.manual_seed(0)
+    model = MoETransformer(ModelConfig(d_model=16, n_layers=2, n_heads=2, seq_len=12),
+                           MoEConfig(num_experts=4, top_k=1, expert_hidden=8))
+    tokens = torch.cat([torch.randint(0, 64, (2, 13)), torch.randint(128, 256, (2, 13))])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with torch.no_grad():
+        expected = sum(torch.stack([s.tokens_per_expert.double() for s in model(t[:, :-1]).stats])
+                       for t in (tokens[:2], tokens[2:]))
+    result = train_step(model, opt, [tokens[:2], tokens[2:]])
+    torch.testing.assert_close(result.load_LE, expected)
+    assert result.load_LE.shape == (2, 4) and float(result.load_LE.sum()) == 2 * 4 * 12
 
 
 # ---------------------------------------------------------------- config errors

@@ -39,11 +39,12 @@ from ..parallel.expert_shards import (full_model_state, full_optimizer_named,
 from ..parallel.all_to_all import metered
 from ..parallel.ranks import check_run_parallel, init_ranks, launched_distributed
 from ..balance.loss_free import max_vio
+from ..routing import Router, causal_routing
 from ..routing.plan import count_per_expert
 from .checkpoint import checkpoint_candidates, load_latest, save_checkpoint
 from .config import ParallelConfig, RunConfig, load_config
 from .run_folder import RunError, locked_run
-from .step import train_step
+from .step import batch_max_vio, train_step
 from .tensorboard import ScalarLog, tensorboard_available
 
 LN2 = math.log(2.0)
@@ -118,10 +119,43 @@ def expert_vendi_by_layer(model: MoETransformer, probe_BS: torch.Tensor, ranks=N
 
 
 @torch.no_grad()
+def _causal_bpb(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: int, ranks,
+                batch_row: dict) -> dict:
+    """``val_bpb_causal`` (and per domain): validation bpb with every token routed from
+    itself and its prefix (:func:`~divmoe.routing.causal_routing`). Batch-dependent routers
+    (expert choice, Sinkhorn, soft merging) need this second pass; for every other model it
+    is the batch evaluation's number (routing is per token)."""
+    if not any(isinstance(m, Router) and m.batch_dependent for m in model.modules()):
+        return {"val_bpb_causal": batch_row["val_bpb"],
+                "val_bpb_causal_by_domain": dict(batch_row["val_bpb_by_domain"])}
+    model.eval()
+    domains = sorted(val)
+    sums = torch.zeros(len(domains), 2, dtype=torch.float64)  # (loss · tokens, tokens)
+    with causal_routing(model):
+        for di, d in enumerate(domains):
+            for chunk in val[d].split(batch_size):
+                if ranks is not None:
+                    chunk = chunk.tensor_split(ranks.world)[ranks.rank]
+                out = model(chunk[:, :-1], chunk[:, 1:])  # every rank runs (expert all-to-all)
+                if chunk.shape[0]:  # a rank may hold none of a short batch (its mean is NaN)
+                    sums[di] += torch.tensor([float(out.loss) * chunk[:, 1:].numel(),
+                                              chunk[:, 1:].numel()], dtype=torch.float64)
+    model.train()
+    if ranks is not None:
+        sums = ranks.sum(sums)
+    return {"val_bpb_causal": float(sums[:, 0].sum() / sums[:, 1].sum()) / LN2,
+            "val_bpb_causal_by_domain": {d: float(sums[i, 0] / sums[i, 1]) / LN2
+                                         for i, d in enumerate(domains)}}
+
+
+@torch.no_grad()
 def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: int,
              probe_tokens_per_domain: int = 256, ranks=None) -> Evaluation:
-    """Validation loss per domain (bits per byte: the tokenizer is byte-level), MaxVio, loads
-    and the expert-output Vendi score on the fixed probe (``probe_tokens_per_domain``; 0 = off).
+    """Validation loss per domain (bits per byte: the tokenizer is byte-level) with the
+    routers' batch rule and with causal routing (``val_bpb_causal``), MaxVio (mean
+    over the single-domain validation batches, and ``max_vio_pooled`` over the whole set),
+    loads and the expert-output Vendi score on the fixed probe (``probe_tokens_per_domain``;
+    0 = off).
 
     With ``ranks`` (a distributed run) every rank scores its share of each validation batch's
     sequences and the sums are reduced, so every rank returns the whole validation set's
@@ -165,13 +199,19 @@ def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: in
     bpb = {d: loss_sum[d] / tokens[d] / LN2 for d in domains}
     val_loss = sum(loss_sum.values()) / sum(tokens.values())
     row = {"val_loss": val_loss, "val_bpb": val_loss / LN2, "val_bpb_by_domain": bpb}
+    row.update(_causal_bpb(model, val, batch_size, ranks, row))
     if not L:
         row["max_vio"] = None
         return Evaluation(row)
     vio_L = vio_sum / max(vio_batches, 1)
     load_LE = counts_LED.sum(-1).double()
+    # MaxVio_global of Loss-Free Balancing: the loads of the whole validation set, all domains
+    # pooled (``max_vio`` averages single-domain batches, where specialisation reads as
+    # imbalance)
+    pooled_L = torch.stack([max_vio(load_E) for load_E in load_LE])
     load_LE = load_LE / load_LE.sum(-1, keepdim=True).clamp_min(1)
     row.update(max_vio=float(vio_L.mean()), max_vio_by_layer=vio_L.tolist(),
+               max_vio_pooled=float(pooled_L.mean()), max_vio_pooled_by_layer=pooled_L.tolist(),
                expert_load=load_LE.tolist(),
                # parameters each token touched, token-weighted per layer, mean over MoE layers
                activated_params_mean=float((act_sum / act_tokens.clamp_min(1)).mean()))
@@ -327,8 +367,8 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
     optimizer = build_optimizer(model, cfg)
     params = model.param_counts()  # of the whole model, before any sharding
     metrics_path = run_dir / "metrics.jsonl"
-    state = {"step": 0, "loss_sum": 0.0, "loss_count": 0, "train_time": 0.0, "tokens_seen": 0,
-             "elapsed": 0.0}
+    state = {"step": 0, "loss_sum": 0.0, "loss_count": 0, "train_max_vio_sum": 0.0,
+             "train_time": 0.0, "tokens_seen": 0, "elapsed": 0.0}
     metrics: list[dict] = []
     if resume:
         metrics = _read_metrics(metrics_path)
@@ -342,7 +382,7 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
             log(f"{run_dir} has no checkpoint yet: starting it from step 0")
             resume, metrics = False, []
         else:
-            state = loaded[1]
+            state = {"train_max_vio_sum": 0.0, **loaded[1]}  # checkpoints before it lack it
             if cfg.train.steps < state["step"]:
                 raise ConfigError(f"--resume: train.steps={cfg.train.steps} but {loaded[0]} is "
                                   f"already at step {state['step']}; train.steps may only stay "
@@ -424,13 +464,18 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
         row = {"step": state["step"],
                "train_loss": state["loss_sum"] / state["loss_count"] if state["loss_count"] else None,
                **ev.row,
+               # MaxVio_batch of Loss-Free Balancing: each training step's whole batch, mean
+               # over the steps since the last evaluation (and over MoE layers)
+               "train_max_vio": (state["train_max_vio_sum"] / state["loss_count"]
+                                 if state["loss_count"] and model.moe_layers else None),
                "tokens_per_s": state["tokens_seen"] / state["train_time"] if state["train_time"] else None,
                "elapsed_s": state["elapsed"], "lr": lr_at(max(state["step"] - 1, 0), cfg),
                "mix_weights": dict(sampler.weights),
                "all_to_all_bytes_per_token": exchange_bytes_per_token()}
         metrics.append(row)
         on_writer(record, row, ev.routing)
-        state.update(loss_sum=0.0, loss_count=0, train_time=0.0, tokens_seen=0)
+        state.update(loss_sum=0.0, loss_count=0, train_max_vio_sum=0.0, train_time=0.0,
+                     tokens_seen=0)
         checkpoint()
         return row
 
@@ -467,6 +512,8 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
                 raise FloatingPointError(f"{exc} at step {step}; the last checkpoint in "
                                          f"{run_dir} is intact (lower train.lr?)") from None
             ce_mean = float(result.loss)
+            if result.load_LE.numel():
+                state["train_max_vio_sum"] += float(batch_max_vio(result.load_LE))
             state["step"] += 1
             state["loss_sum"] += ce_mean
             state["loss_count"] += 1
