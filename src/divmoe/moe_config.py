@@ -51,6 +51,8 @@ class MoEConfig:
                                 help="balancing losses, controllers and plan transforms")
     aux_loss_weight: float = option(0.01, min=0.0, help="α of aux_loss")
     z_loss_weight: float = option(0.001, min=0.0, help="weight of z_loss")
+    routing_entropy_weight: float = option(1e-4, min=0.0, help="weight of routing_entropy "
+                                           "(dynamic top-p's dynamic loss; the paper's 1e-4)")
     aux_loss_scope: str = option("micro_batch", choices=list(AUX_LOSS_SCOPES),
                                  help="tokens aux_loss counts f and P over: micro_batch; sequence "
                                       "(DeepSeek-V3, input [..., S, d]); global_batch (f over all "
@@ -91,7 +93,7 @@ class MoEConfig:
                                          "picks C = round(capacity_factor·T·top_k/E) tokens")
     top_p: float = option(0.5, min=0.0, max=1.0, min_exclusive=True,
                           help="dynamic_topp: add experts until their cumulative probability >= top_p "
-                               "(top_k caps the count)")
+                               "(top_k caps the count; the paper has no cap: top_k=num_experts)")
     num_null_experts: int = option(0, min=0, help="null_experts: null (zero, no-FLOP) experts N "
                                                   "added to the gate (AdaMoE); needs >= 1")
     null_target: float = option(0.0, min=0.0, max=1.0,
