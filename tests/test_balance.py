@@ -122,7 +122,7 @@ def test_aux_scopes_reach_the_router(scope):
 
 # ---------------------------------------------------------------- capacity
 
-def reference_capacity(ids_TK, probs_TE, capacity_factor, overflow):
+def reference_capacity(ids_TK, probs_TE, capacity_factor, overflow, priority="position"):
     """The definition in divmoe.balance.capacity, as plain Python loops."""
     T, K = len(ids_TK), len(ids_TK[0])
     E = len(probs_TE[0])
@@ -130,11 +130,21 @@ def reference_capacity(ids_TK, probs_TE, capacity_factor, overflow):
     load = [0] * E
     new = [list(row) for row in ids_TK]
     over = []
-    for k in range(K):                      # rank-major, token order
-        for t in range(T):
+    slots = [(t, k) for k in range(K) for t in range(T) if ids_TK[t][k] >= 0]  # rank-major
+    if priority == "score":  # each expert keeps its C highest-scoring slots
+        kept = set()
+        for e in range(E):
+            mine = sorted((s for s in slots if ids_TK[s[0]][s[1]] == e),
+                          key=lambda s: -probs_TE[s[0]][e])  # stable: ties by position
+            kept |= set(mine[:C])
+            load[e] = len(mine[:C])
+        for t, k in slots:
+            if (t, k) not in kept:
+                new[t][k] = -1
+                over.append((t, k))
+    else:
+        for t, k in slots:
             e = ids_TK[t][k]
-            if e < 0:
-                continue
             if load[e] < C:
                 load[e] += 1
             else:
@@ -183,6 +193,36 @@ def test_capacity_drop_hand_built():
     assert out.weights_TK.squeeze(1).tolist() == [1.0, 1.0, 0.0, 0.0]
 
 
+def test_capacity_score_priority_drops_the_lowest_scoring_tokens():
+    # He et al.'s Capacity-Aware Token Drop: C = 2 of four tokens on expert 0; the two with
+    # the highest expert-0 scores (tokens 1 and 3) stay, whatever their position.
+    plan = plan_of([[0], [0], [0], [0]], [[0.6, 0.4], [0.9, 0.1], [0.7, 0.3], [0.8, 0.2]])
+    out, _ = apply_capacity(plan, 1.0, "drop", priority="score")
+    assert out.expert_ids_TK.squeeze(1).tolist() == [-1, 0, -1, 0]
+    # A lower-ranked slot with a higher score outranks a first choice: token 1's second
+    # choice (0.45 on expert 1) beats token 0's first choice (0.4). C = ceil(0.5·2·2/4) = 1.
+    plan = plan_of([[1, 0], [2, 1]], [[0.3, 0.4, 0.2, 0.1], [0.05, 0.45, 0.5, 0.0]])
+    out, _ = apply_capacity(plan, 0.5, "drop", priority="score")
+    assert out.expert_ids_TK.tolist() == [[-1, 0], [2, 1]]
+    with pytest.raises(ValueError, match="priority='rank': expected one of position, score"):
+        apply_capacity(plan, 0.5, "drop", priority="rank")
+
+
+def test_capacity_score_priority_in_layer():
+    moe = layer(num_experts=4, top_k=1, balance=["capacity"], capacity_factor=0.5,
+                capacity_priority="score")
+    with torch.no_grad():
+        moe.router.gate.weight[0] += 2.0  # crowd expert 0
+    x = torch.rand(24, 8, dtype=torch.float64)
+    plan = moe.router(x)
+    kept = moe(x).stats.expert_ids.squeeze(1)
+    for e in range(4):
+        mine = (plan.expert_ids_TK.squeeze(1) == e).nonzero().squeeze(1)
+        best = mine[plan.probs_TE[mine, e].argsort(descending=True)[:3]]  # C = ⌈0.5·24/4⌉
+        assert sorted((kept == e).nonzero().squeeze(1).tolist()) == sorted(best.tolist())
+    assert int((kept < 0).sum()) > 0
+
+
 def test_capacity_rank_major_priority():
     # First choices of all tokens outrank second choices: token 1's first choice (expert 1)
     # keeps its place although token 0's second choice asked for expert 1 too.
@@ -221,7 +261,8 @@ def test_capacity_reroute_never_duplicates_an_expert_and_drops_when_full():
 
 @pytest.mark.parametrize("seed", range(20))
 @pytest.mark.parametrize("overflow", ["drop", "reroute"])
-def test_capacity_matches_reference_loop(seed, overflow):
+@pytest.mark.parametrize("priority", ["position", "score"])
+def test_capacity_matches_reference_loop(seed, overflow, priority):
     gen = torch.Generator().manual_seed(seed)
     r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))
     E = r(2, 8)
@@ -234,8 +275,9 @@ def test_capacity_matches_reference_loop(seed, overflow):
         ids[torch.rand(T, K, generator=gen) < 0.2] = -1
     cf = [0.5, 0.8, 1.0, 1.25][seed % 4]
     plan = plan_of(ids, probs, weights=probs.gather(1, ids.clamp_min(0)))
-    out, rerouted = apply_capacity(plan, cf, overflow)
-    ref_ids, ref_rerouted = reference_capacity(ids.tolist(), probs.tolist(), cf, overflow)
+    out, rerouted = apply_capacity(plan, cf, overflow, priority=priority)
+    ref_ids, ref_rerouted = reference_capacity(ids.tolist(), probs.tolist(), cf, overflow,
+                                               priority)
     assert out.expert_ids_TK.tolist() == ref_ids
     assert rerouted == ref_rerouted
     C = math.ceil(cf * T * K / E)

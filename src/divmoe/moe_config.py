@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .balance import AUX_LOSS_SCOPES, BALANCERS, CAPACITY_OVERFLOW, GLOBAL_COUNTS
+from .balance import (AUX_LOSS_SCOPES, BALANCERS, CAPACITY_OVERFLOW, CAPACITY_PRIORITY,
+                      GLOBAL_COUNTS)
 from .config import option
 from .dispatch import DISPATCHERS, check_dispatch
 from .diversity.regularizers import DIVERSITY_REGULARIZERS
@@ -67,6 +68,11 @@ class MoEConfig:
     capacity_overflow: str = option("drop", choices=list(CAPACITY_OVERFLOW),
                                     help="capacity: drop the slots past an expert's capacity, or "
                                          "reroute them to the next-best expert with room")
+    capacity_priority: str = option("position", choices=list(CAPACITY_PRIORITY),
+                                    help="capacity: which slots a full expert keeps: position "
+                                         "(first choices first, then token order; GShard) or "
+                                         "score (the highest router scores: Capacity-Aware "
+                                         "Token Drop)")
     small_expert_bias_weight: float = option(0.01, min=0.0,
                                              help="weight of small_expert_bias (HMoE P-Penalty)")
     dirichlet_prior_weight: float = option(0.001, min=0.0, help="weight of dirichlet_prior")

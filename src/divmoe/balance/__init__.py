@@ -13,6 +13,7 @@ from ..routing.null_experts import null_usage_loss
 from .aux_scope import GLOBAL_COUNTS
 from .aux_scope import SCOPES as AUX_LOSS_SCOPES
 from .capacity import OVERFLOW as CAPACITY_OVERFLOW
+from .capacity import PRIORITY as CAPACITY_PRIORITY
 from .capacity import Capacity, apply_capacity, slot_capacity, tokens_per_expert_choice
 from .context import BalanceContext
 from .dirichlet import dirichlet_prior
@@ -85,7 +86,8 @@ PLAN_TRANSFORMS = {n: t.impl for n, t in BALANCERS.items() if t.kind == "transfo
 from .balancer import Balancer  # noqa: E402  (it reads BALANCERS)
 
 __all__ = ["BALANCERS", "BALANCE_LOSSES", "PLAN_TRANSFORMS", "BalanceTerm", "Balancer",
-           "AUX_LOSS_SCOPES", "GLOBAL_COUNTS", "CAPACITY_OVERFLOW", "BalanceContext", "aux_loss",
+           "AUX_LOSS_SCOPES", "GLOBAL_COUNTS", "CAPACITY_OVERFLOW",
+           "CAPACITY_PRIORITY", "BalanceContext", "aux_loss",
            "z_loss", "routing_entropy",
            "small_expert_bias", "dirichlet_prior", "apply_capacity", "slot_capacity",
            "tokens_per_expert_choice", "update_selection_bias", "null_usage_loss"]

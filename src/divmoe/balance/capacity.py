@@ -12,14 +12,21 @@ Token rerouting follows "Capacity-Aware Inference: Mitigating the Straggler Effe
 Mixture of Experts" (He et al. 2025, arXiv 2503.05066): overflowing tokens go to other
 experts that still have room instead of being dropped.
 
-Priority (which slots keep their place): slot rank first, then token order — all tokens'
-first choices in token order, then all second choices, ... (GShard's order: a token's
-best expert outranks anyone's second choice). Router scores do not enter the priority.
+Priority (which slots keep their place), ``capacity_priority``:
+
+- ``position`` (GShard / Switch training): slot rank first, then token order — all tokens'
+  first choices in token order, then all second choices, ... (a token's best expert
+  outranks anyone's second choice). Router scores do not enter it.
+- ``score`` (He et al.'s Capacity-Aware Token Drop): each overloaded expert keeps the C
+  slots with the highest router score ``probs_TE[t, e]`` and drops the lowest-scoring ones;
+  ties fall back to the position order.
 
 overflow = ``drop``: a slot past its expert's capacity becomes empty (id −1, weight 0);
 the plan's ``dropped_slots`` counts it.
 
-overflow = ``reroute``: after every original slot has been placed (as above), the
+overflow = ``reroute`` (our token reroute, not He et al.'s Expanded Drop, which widens the
+candidates to the experts on the token's own device under expert parallelism before
+dropping; that is not implemented): after every original slot has been placed (as above), the
 overflowing slots are rerouted rank by rank (all overflowing rank-0 slots, then rank-1,
 ...). Within a rank, in proposal rounds: every pending slot proposes the highest-scoring
 expert (by ``probs_TE``; ties → lower expert id) that still has room and that its token
@@ -43,6 +50,7 @@ import torch
 from ..routing.plan import RoutingPlan
 
 OVERFLOW = ("drop", "reroute")
+PRIORITY = ("position", "score")
 
 
 def slot_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -69,14 +77,18 @@ def _positions(ids_S: torch.Tensor, E: int) -> torch.Tensor:
 
 
 def apply_capacity(plan: RoutingPlan, capacity_factor: float, overflow: str = "drop",
-                   top_k: int | None = None) -> tuple[RoutingPlan, int]:
+                   top_k: int | None = None, priority: str = "position"
+                   ) -> tuple[RoutingPlan, int]:
     """Return (plan with capacity applied, number of rerouted slots); the plan records the
     rerouted slots too (``plan.rerouted_slots``).
 
-    ``top_k`` is the k of the capacity formula (default: the plan's slot count K).
+    ``top_k`` is the k of the capacity formula (default: the plan's slot count K);
+    ``priority``: which slots an overloaded expert keeps (module docstring).
     """
     if overflow not in OVERFLOW:
         raise ValueError(f"overflow={overflow!r}: expected one of {', '.join(OVERFLOW)}")
+    if priority not in PRIORITY:
+        raise ValueError(f"priority={priority!r}: expected one of {', '.join(PRIORITY)}")
     ids_TK = plan.expert_ids_TK
     T, K = ids_TK.shape
     E = plan.num_experts
@@ -84,9 +96,17 @@ def apply_capacity(plan: RoutingPlan, capacity_factor: float, overflow: str = "d
         return plan, 0
     C = slot_capacity(T, E, top_k or K, capacity_factor)
 
-    # Phase 1: rank-major order (all rank-0 slots in token order, then rank 1, ...).
+    # Phase 1: rank-major order (all rank-0 slots in token order, then rank 1, ...); for
+    # score priority each slot's place among its expert's slots counts by descending score.
     ids_S = ids_TK.t().reshape(-1)
-    keep_S = (ids_S >= 0) & (_positions(ids_S, E) < C)
+    if priority == "score":
+        score_S = plan.probs_TE.detach().gather(1, ids_TK.clamp_min(0)).t().reshape(-1)
+        order_S = torch.argsort(score_S, descending=True, stable=True)
+        place_S = torch.empty_like(ids_S)
+        place_S[order_S] = _positions(ids_S[order_S], E)
+    else:
+        place_S = _positions(ids_S, E)
+    keep_S = (ids_S >= 0) & (place_S < C)
     over_S = (ids_S >= 0) & ~keep_S
     keep_TK = keep_S.view(K, T).t()
     over_TK = over_S.view(K, T).t()
@@ -141,11 +161,13 @@ class Capacity:
     (``divmoe.parallel.TOKEN_SETS``).
     """
 
-    settings = ("capacity_factor", "capacity_overflow")
+    settings = ("capacity_factor", "capacity_overflow", "capacity_priority")
 
     def __init__(self, cfg):
         self.capacity_factor, self.overflow, self.top_k = \
             cfg.capacity_factor, cfg.capacity_overflow, cfg.top_k
+        self.priority = cfg.capacity_priority
 
     def __call__(self, plan: RoutingPlan) -> RoutingPlan:
-        return apply_capacity(plan, self.capacity_factor, self.overflow, self.top_k)[0]
+        return apply_capacity(plan, self.capacity_factor, self.overflow, self.top_k,
+                              self.priority)[0]
