@@ -223,6 +223,99 @@ def test_capacity_score_priority_in_layer():
     assert int((kept < 0).sum()) > 0
 
 
+def reference_expanded_drop(ids_TK, probs_TE, weights_TK, capacity_factor, expand):
+    """overflow=expand as plain loops (divmoe.balance.capacity)."""
+    T, K, E = len(ids_TK), len(ids_TK[0]), len(probs_TE[0])
+    C = math.ceil(capacity_factor * T * K / E)
+    M = min(E, math.ceil(expand * K))
+    cands = []
+    for t in range(T):
+        routed = [e for e in ids_TK[t] if e >= 0]
+        others = sorted((e for e in range(E) if e not in routed), key=lambda e: -probs_TE[t][e])
+        cands.append(routed + others[:max(0, M - K)])
+    slots = [(t, m) for m in range(M) for t in range(T) if m < len(cands[t])]  # rank-major
+    alive = set()
+    for e in range(E):
+        mine = sorted((s for s in slots if cands[s[0]][s[1]] == e),
+                      key=lambda s: -probs_TE[s[0]][e])
+        alive |= set(mine[:C])
+    new_ids, new_w = [], []
+    for t in range(T):
+        best = sorted((cands[t][m] for m in range(len(cands[t])) if (t, m) in alive),
+                      key=lambda e: -probs_TE[t][e])
+        ref = max((k for k in range(K) if ids_TK[t][k] >= 0), key=lambda k: weights_TK[t][k])
+        ratio = weights_TK[t][ref] / probs_TE[t][ids_TK[t][ref]]
+        row_ids, row_w, r = [], [], 0
+        for k in range(K):
+            if ids_TK[t][k] < 0 or r >= len(best):
+                row_ids.append(-1)
+                row_w.append(0.0)
+                continue
+            e = best[r]
+            r += 1
+            row_ids.append(e)
+            row_w.append(weights_TK[t][ids_TK[t].index(e)] if e in ids_TK[t]
+                         else probs_TE[t][e] * ratio)
+        new_ids.append(row_ids)
+        new_w.append(row_w)
+    return new_ids, new_w
+
+
+def test_capacity_expanded_drop_hand_built():
+    # C = 2; four tokens want expert 0 (k=1), candidates = both experts (expand 2 → M = 2).
+    # Expert 0 keeps its two best scores (tokens 0, 1), expert 1 its two best (tokens 3, 2):
+    # nobody is dropped, tokens 2 and 3 move to expert 1 with weight p_new · w/p_old.
+    probs = [[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]]
+    plan = plan_of([[0]] * 4, probs)
+    out, moved = apply_capacity(plan, 1.0, "expand", expand=2.0)
+    assert out.expert_ids_TK.squeeze(1).tolist() == [0, 0, 1, 1] and moved == 2
+    torch.testing.assert_close(out.weights_TK.squeeze(1),
+                               torch.tensor([1.0, 1.0, 0.3 / 0.7, 0.4 / 0.6], dtype=torch.float64))
+    dropped, _ = apply_capacity(plan, 1.0, "drop", priority="score")  # the plain Token Drop
+    assert dropped.expert_ids_TK.squeeze(1).tolist() == [0, 0, -1, -1]
+    # expand = 1: no extra candidates, the same as Token Drop
+    same, _ = apply_capacity(plan, 1.0, "expand", expand=1.0)
+    assert torch.equal(same.expert_ids_TK, dropped.expert_ids_TK)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_capacity_expanded_drop_matches_reference_loop(seed):
+    gen = torch.Generator().manual_seed(seed)
+    E = int(torch.randint(3, 9, (1,), generator=gen))
+    K = int(torch.randint(1, min(3, E) + 1, (1,), generator=gen))
+    T = int(torch.randint(2, 30, (1,), generator=gen))
+    probs = torch.softmax(2 * torch.randn(T, E, generator=gen, dtype=torch.float64), -1)
+    skew = torch.zeros(E, dtype=torch.float64)
+    skew[0] = 3.0
+    ids = (probs.log() + skew).topk(K, dim=-1).indices  # not in score order: a selection bias
+    if seed % 3 == 0:
+        ids[torch.rand(T, K, generator=gen) < 0.2] = -1
+        ids[:, 0] = ids[:, 0].clamp_min(0)  # every token keeps a routed slot
+    chosen = probs.gather(1, ids.clamp_min(0)) * (ids >= 0)
+    weights = chosen / chosen.sum(-1, keepdim=True)
+    cf, expand = [0.5, 0.8, 1.0][seed % 3], [1.5, 2.0, 3.0][seed % 3]
+    out, _ = apply_capacity(plan_of(ids, probs, weights=weights), cf, "expand", expand=expand)
+    ref_ids, ref_w = reference_expanded_drop(ids.tolist(), probs.tolist(), weights.tolist(),
+                                             cf, expand)
+    assert out.expert_ids_TK.tolist() == ref_ids
+    torch.testing.assert_close(out.weights_TK, torch.tensor(ref_w, dtype=torch.float64))
+    assert int(out.tokens_per_expert().max()) <= math.ceil(cf * T * K / E)
+
+
+def test_capacity_expanded_drop_in_layer():
+    moe = layer(num_experts=4, top_k=2, balance=["capacity"], capacity_factor=1.0,
+                capacity_overflow="expand", capacity_expand=2.0)
+    with torch.no_grad():
+        moe.router.gate.weight[0] += 2.0  # crowd expert 0
+    x = torch.rand(3, 10, 8, dtype=torch.float64)
+    out = moe(x)
+    assert int(out.stats.tokens_per_expert.max()) <= math.ceil(30 * 2 / 4)
+    assert out.stats.rerouted_slots > 0
+    assert int(out.stats.tokens_per_expert.sum()) + out.stats.dropped_slots == 60
+    out.output.sum().backward()
+    assert router_grad(moe) > 0
+
+
 def test_capacity_rank_major_priority():
     # First choices of all tokens outrank second choices: token 1's first choice (expert 1)
     # keeps its place although token 0's second choice asked for expert 1 too.

@@ -66,13 +66,19 @@ class MoEConfig:
                                               "a no-grad forward over the step first (exact, "
                                               "one more forward per step)")
     capacity_overflow: str = option("drop", choices=list(CAPACITY_OVERFLOW),
-                                    help="capacity: drop the slots past an expert's capacity, or "
-                                         "reroute them to the next-best expert with room")
+                                    help="capacity: drop the slots past an expert's capacity, "
+                                         "reroute them to the next-best expert with room, or "
+                                         "expand each token's candidates and keep the best "
+                                         "within capacity (Expanded Drop)")
     capacity_priority: str = option("position", choices=list(CAPACITY_PRIORITY),
                                     help="capacity: which slots a full expert keeps: position "
                                          "(first choices first, then token order; GShard) or "
                                          "score (the highest router scores: Capacity-Aware "
                                          "Token Drop)")
+    capacity_expand: float = option(2.0, min=1.0,
+                                    help="capacity_overflow=expand: candidates per token = "
+                                         "ceil(capacity_expand·top_k) best experts, cut to "
+                                         "each expert's capacity by score (Expanded Drop)")
     small_expert_bias_weight: float = option(0.01, min=0.0,
                                              help="weight of small_expert_bias (HMoE P-Penalty)")
     dirichlet_prior_weight: float = option(0.001, min=0.0, help="weight of dirichlet_prior")

@@ -45,12 +45,12 @@ def soft_merge_per_token(x_TD: torch.Tensor, probs_TE: torch.Tensor, experts) ->
     if x_TD.shape[0] == 0:
         return torch.zeros_like(x_TD)
     p_TE = probs_TE.to(experts.w_in_EDH2.dtype)
-    x_TD_ = x_TD.to(experts.w_in_EDH2.dtype)
-    pre_TH2 = torch.einsum("te,teh->th", p_TE,
-                           torch.einsum("td,edh->teh", x_TD_, experts.w_in_EDH2))
+    pre_TEH2 = torch.einsum("td,edh->teh", x_TD.to(p_TE.dtype), experts.w_in_EDH2)
+    pre_TH2 = torch.einsum("te,teh->th", p_TE, pre_TEH2)
     gate, up = pre_TH2.chunk(2, dim=-1)
     act_TH = F.silu(gate) * up
-    y_TD = torch.einsum("te,ted->td", p_TE, torch.einsum("th,ehd->ted", act_TH, experts.w_out_EHD))
+    out_TED = torch.einsum("th,ehd->ted", act_TH, experts.w_out_EHD)
+    y_TD = torch.einsum("te,ted->td", p_TE, out_TED)
     return y_TD.to(x_TD.dtype)
 
 

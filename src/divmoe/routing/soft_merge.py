@@ -102,8 +102,8 @@ class SoftMergeRouter(Router):
                                groups=(G, S))
         x_GSD = jittered(x_TD, self.jitter, self.training).view(G, S, D)
         if self.route_causally:  # every token its own group, routed from its prefix's mean
-            count_1S1 = torch.arange(1, S + 1, device=x_TD.device, dtype=x_GSD.dtype).view(1, S, 1)
-            pooled_GD = (x_GSD.cumsum(dim=1) / count_1S1).reshape(T, D)
+            count_S1 = torch.arange(1, S + 1, device=x_TD.device, dtype=x_GSD.dtype)[:, None]
+            pooled_GD = (x_GSD.cumsum(dim=1) / count_S1).reshape(T, D)
             G, S = T, 1
         else:
             pooled_GD = x_GSD.mean(dim=1)

@@ -21,6 +21,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from ..balance.loss_free import max_vio
+
 
 class StepResult(NamedTuple):
     loss: torch.Tensor   # mean cross-entropy over the micro-batches (nats, detached, 0-dim)
@@ -32,8 +34,6 @@ class StepResult(NamedTuple):
 
 def batch_max_vio(load_LE: torch.Tensor) -> torch.Tensor:
     """Mean over MoE layers of MaxVio of a training batch's loads (0-dim float64 tensor)."""
-    from ..balance.loss_free import max_vio
-
     return torch.stack([max_vio(load_E) for load_E in load_LE]).mean()
 
 
