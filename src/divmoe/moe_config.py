@@ -81,7 +81,9 @@ class MoEConfig:
                                          "each expert's capacity by score (Expanded Drop)")
     small_expert_bias_weight: float = option(0.01, min=0.0,
                                              help="weight of small_expert_bias (HMoE P-Penalty)")
-    dirichlet_prior_weight: float = option(0.001, min=0.0, help="weight of dirichlet_prior")
+    dirichlet_prior_weight: float = option(0.01, min=0.0, help="weight of dirichlet_prior (at "
+                                           "initialisation its router gradient per unit weight "
+                                           "is about aux_loss's, so 0.01 matches aux_loss_weight)")
     dirichlet_alpha: float = option(2.0, min=0.0, min_exclusive=True,
                                     help="dirichlet_prior: symmetric concentration α")
     dirichlet_alpha_per_expert: Optional[list[float]] = option(
