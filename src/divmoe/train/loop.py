@@ -406,7 +406,8 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
         raise ConfigError(f"data.weights has unknown domain {unknown[0]!r}; "
                           f"allowed domains: {', '.join(names)}")
     sampler = MixtureSampler(train_docs, cfg.model.seq_len, seed=cfg.train.seed,
-                             weights=cfg.data.weights, temperature=cfg.data.temperature)
+                             weights=cfg.data.weights, temperature=cfg.data.temperature,
+                             batch_domains=cfg.data.batch_domains)
     mixer = DynamicMixer(sampler, cfg.data, model) if cfg.data.mixing == "dynamic" else None
     val = validation_set(val_docs, cfg.model.seq_len, cfg.data.val_bytes_per_domain)
 
