@@ -216,7 +216,7 @@ def brute_force(ids_TK, sizes, shared, router, base=0):
     out = []
     for row in ids_TK.tolist():
         real = {e for e in row if e >= 0}
-        out.append(sum(sizes[e] for e in real) + shared + router + (base if real else 0))
+        out.append(sum(sizes[e] + base for e in real) + shared + router)
     return out
 
 
@@ -260,7 +260,7 @@ def test_stats_activated_params(layout):
     base = 3 * 8 * 4 if layout == "lora" else 0
     assert s.activated_params_T.tolist() == brute_force(s.expert_ids, sizes, shared, router, base)
     assert s.activated_params_mean == pytest.approx(float(s.activated_params_T.double().mean()))
-    static = shared + router + base + 2 * sum(sizes) / len(sizes)
+    static = shared + router + 2 * (base + sum(sizes) / len(sizes))  # the base once per expert
     assert moe.active_params_per_token() == round(static)
     if layout == "stacked":  # the old formula for equal experts
         assert moe.active_params_per_token() == router + shared + 2 * 3 * 8 * 4
