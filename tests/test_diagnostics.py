@@ -80,6 +80,37 @@ def test_mi_equals_domain_entropy_for_perfect_specialisation():
     assert (js > 0).all() and js[2] > js[1] > js[0]
 
 
+def test_mi_given_token_hand_computed_and_zero_when_the_token_decides():
+    from divmoe.diagnostics.specialization import conditional_mutual_information_bits as cmi
+    # token 0: expert = domain (1 bit given v = 0); token 1: independent (0 bits); p(v) = ½ each
+    counts = torch.tensor([[[2, 0], [0, 2]], [[1, 1], [1, 1]]])
+    assert cmi(counts) == pytest.approx(0.5)
+    # Each domain uses its own token and each token its own expert: the plain MI is a full bit,
+    # all of it explained by the token (a hash router on bytes looks like this)
+    by_token = torch.zeros(2, 2, 2)
+    by_token[0, 0, 0], by_token[1, 1, 1] = 5, 5
+    assert mutual_information_bits(by_token.sum(0)) == pytest.approx(1.0)
+    assert cmi(by_token) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match=r"\[V, E, D\]"):
+        cmi(torch.ones(2, 2))
+
+
+def test_evaluation_mi_given_token_is_zero_for_a_hash_router():
+    """Plain MI rewards a hash router for the domains' byte frequencies; MI given the token
+    does not (the expert is a function of the token id)."""
+    from divmoe.models.transformer import ModelConfig, MoETransformer
+    from divmoe.train import evaluate
+    torch.manual_seed(0)
+    model = MoETransformer(ModelConfig(d_model=16, n_layers=1, n_heads=2, seq_len=16),
+                           MoEConfig(num_experts=4, top_k=1, expert_hidden=8, router="hash",
+                                     balance=[]))
+    val = {"lower": torch.randint(97, 123, (4, 17)), "digits": torch.randint(48, 58, (4, 17))}
+    ev = evaluate(model, val, batch_size=2, probe_tokens_per_domain=0)
+    assert mutual_information_bits(torch.tensor(ev.routing["counts"][0])) > 0.05
+    assert ev.row["mi_given_token_bits"] == pytest.approx(0.0, abs=1e-12)
+    assert ev.row["mi_given_token_bits_by_layer"] == [ev.row["mi_given_token_bits"]]
+
+
 def test_expert_domain_counts_checks_lengths():
     with pytest.raises(ValueError, match="tokens"):
         expert_domain_counts(torch.zeros(3, 2, dtype=torch.long), torch.zeros(4), 2)

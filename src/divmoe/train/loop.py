@@ -30,6 +30,7 @@ from ..data.dynamic_mix import DynamicMixer
 from ..data.mixture import MixtureSampler, unigram_entropy_bits, validation_set
 from ..data.user_corpus import load_splits
 from ..diagnostics import expert_output_vendi
+from ..diagnostics.specialization import conditional_mutual_information_bits
 from ..experts import every_expert
 from ..files import atomic_write_text, check_output_folder
 from ..models import MoETransformer
@@ -118,6 +119,14 @@ def expert_vendi_by_layer(model: MoETransformer, probe_BS: torch.Tensor, ranks=N
     return scores
 
 
+def _token_expert_counts(tokens_BS: torch.Tensor, expert_ids_TK: torch.Tensor, V: int,
+                         E: int) -> torch.Tensor:
+    """Routed slots per (input token id, expert), flattened to [V · E] int64."""
+    tok_TK = tokens_BS.reshape(-1, 1).expand_as(expert_ids_TK)
+    ok = expert_ids_TK >= 0
+    return torch.bincount(tok_TK[ok] * E + expert_ids_TK[ok], minlength=V * E)
+
+
 @torch.no_grad()
 def _causal_bpb(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: int, ranks,
                 batch_row: dict) -> dict:
@@ -154,7 +163,9 @@ def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: in
     """Validation loss per domain (bits per byte: the tokenizer is byte-level) with the
     routers' batch rule and with causal routing (``val_bpb_causal``), MaxVio (mean
     over the single-domain validation batches, and ``max_vio_pooled`` over the whole set),
-    loads and the expert-output Vendi score on the fixed probe (``probe_tokens_per_domain``;
+    loads, ``mi_given_token_bits`` (I(expert; domain | token),
+    :func:`~divmoe.diagnostics.specialization.conditional_mutual_information_bits`) and the
+    expert-output Vendi score on the fixed probe (``probe_tokens_per_domain``;
     0 = off).
 
     With ``ranks`` (a distributed run) every rank scores its share of each validation batch's
@@ -167,6 +178,8 @@ def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: in
     loss_sum = {d: 0.0 for d in domains}
     tokens = {d: 0 for d in domains}
     counts_LED = torch.zeros(L, E, len(domains), dtype=torch.int64)
+    V = model.config.vocab_size
+    counts_LVED = torch.zeros(L, V * E, len(domains), dtype=torch.int64)  # by input token id
     vio_sum, vio_batches = torch.zeros(L, dtype=torch.float64), 0
     act_sum, act_tokens = torch.zeros(L, dtype=torch.float64), torch.zeros(L, dtype=torch.float64)
     for di, d in enumerate(domains):
@@ -180,6 +193,7 @@ def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: in
             load_LE = torch.zeros(L, E, dtype=torch.float64)
             for li, s in enumerate(out.stats):
                 counts_LED[li, :, di] += count_per_expert(s.expert_ids, E)  # chosen experts
+                counts_LVED[li, :, di] += _token_expert_counts(chunk[:, :-1], s.expert_ids, V, E)
                 load_LE[li] = s.tokens_per_expert.double()
                 act_sum[li] += float(s.activated_params_mean) * s.num_tokens
                 act_tokens[li] += s.num_tokens
@@ -195,6 +209,8 @@ def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: in
         loss_sum = {d: float(sums[i, 0]) for i, d in enumerate(domains)}
         tokens = {d: int(sums[i, 1]) for i, d in enumerate(domains)}
         counts_LED = ranks.sum(counts_LED)
+        if L:
+            counts_LVED = ranks.sum(counts_LVED)
         act_sum, act_tokens = ranks.sum(act_sum), ranks.sum(act_tokens)
     bpb = {d: loss_sum[d] / tokens[d] / LN2 for d in domains}
     val_loss = sum(loss_sum.values()) / sum(tokens.values())
@@ -210,7 +226,9 @@ def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: in
     # imbalance)
     pooled_L = torch.stack([max_vio(load_E) for load_E in load_LE])
     load_LE = load_LE / load_LE.sum(-1, keepdim=True).clamp_min(1)
+    mi_token_L = [conditional_mutual_information_bits(c.view(V, E, -1)) for c in counts_LVED]
     row.update(max_vio=float(vio_L.mean()), max_vio_by_layer=vio_L.tolist(),
+               mi_given_token_bits=sum(mi_token_L) / L, mi_given_token_bits_by_layer=mi_token_L,
                max_vio_pooled=float(pooled_L.mean()), max_vio_pooled_by_layer=pooled_L.tolist(),
                expert_load=load_LE.tolist(),
                # parameters each token touched, token-weighted per layer, mean over MoE layers
