@@ -34,8 +34,9 @@ class MoEConfig:
     top_k: int = option(2, min=1, help="experts per token k")
     expert_hidden: int = option(128, min=1, help="hidden width of each routed expert")
     expert_layout: str = option("swiglu", choices=sorted(EXPERT_LAYOUTS),
-                                help="swiglu = independent SwiGLU experts; lora = low-rank "
-                                     "adapters over one frozen dense SwiGLU (LoRAMoE/MoLA)")
+                                help="swiglu = independent SwiGLU experts; gelu = independent "
+                                     "GELU MLPs (GShard/Switch); lora = low-rank adapters over "
+                                     "one frozen dense SwiGLU (LoRAMoE/MoLA)")
     expert_widths: Optional[list[int]] = option(None, help="per-expert hidden widths (HMoE; "
                                                 "length num_experts; overrides expert_hidden)")
     lora_rank: int = option(8, min=1, help="adapter rank of lora experts")
