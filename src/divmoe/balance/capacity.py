@@ -8,9 +8,10 @@ Two meanings, one function each:
 - :func:`tokens_per_expert_choice` — expert choice (Zhou et al. 2022): the tokens each expert
   picks, C = round(capacity_factor · T · k / E), clamped to [1, T].
 
-Token rerouting follows "Capacity-Aware Inference: Mitigating the Straggler Effect in
-Mixture of Experts" (He et al. 2025, arXiv 2503.05066): overflowing tokens go to other
-experts that still have room instead of being dropped.
+"Capacity-Aware Inference: Mitigating the Straggler Effect in Mixture of Experts" (He et al.
+2025, arXiv 2503.05066) has two rules: Token Drop (an overloaded expert drops its
+lowest-scoring tokens: ``capacity_priority=score``) and Expanded Drop (``overflow=expand``).
+``overflow=reroute`` is divmoe's own: overflowing slots move to the next-best expert with room.
 
 Priority (which slots keep their place), ``capacity_priority``:
 
@@ -36,8 +37,7 @@ reroute). The paper's "local" experts are those on the token's device under expe
 parallelism, with a capacity per device; divmoe's version widens to all experts with a
 capacity per expert (the authors' code offers both scopes).
 
-overflow = ``reroute`` (our token reroute): after every original slot has been placed (as
-above), the
+overflow = ``reroute``: after every original slot has been placed (as above), the
 overflowing slots are rerouted rank by rank (all overflowing rank-0 slots, then rank-1,
 ...). Within a rank, in proposal rounds: every pending slot proposes the highest-scoring
 expert (by ``probs_TE``; ties → lower expert id) that still has room and that its token
@@ -174,7 +174,8 @@ def _expanded_drop(plan: RoutingPlan, C: int, M: int) -> tuple[RoutingPlan, int]
                & valid_TK.unsqueeze(-1)).any(dim=1)
     # Candidates: the routed experts, then the best others (−inf where none is left).
     extra = max(0, M - K)
-    extra_score_TX, extra_ids_TX = probs_TE.masked_fill(held_TE, float("-inf")).topk(extra, dim=-1)
+    others_TE = probs_TE.masked_fill(held_TE, float("-inf"))
+    extra_score_TX, extra_ids_TX = others_TE.topk(extra, dim=-1)
     cand_ids_TM = torch.cat([ids_TK, extra_ids_TX], dim=1)
     cand_ok_TM = torch.cat([valid_TK, extra_score_TX > float("-inf")], dim=1)
     cand_score_TM = probs_TE.gather(1, cand_ids_TM.clamp_min(0)).masked_fill(~cand_ok_TM,
@@ -210,7 +211,8 @@ def _expanded_drop(plan: RoutingPlan, C: int, M: int) -> tuple[RoutingPlan, int]
 
 class Capacity:
     """Token-choice capacity (GShard / Switch): each expert takes at most C routed slots, the
-    overflow is dropped or rerouted (He et al. 2025); a plan transform,
+    overflow is dropped (by position or, He et al.'s Token Drop, by score), rerouted, or
+    handled by Expanded Drop (module docstring); a plan transform,
     ``Capacity(cfg)(plan) -> plan``.
 
     Its host reads (overflow tests, reroute rounds) are the price of a batch-dependent
