@@ -54,7 +54,7 @@ class MoEConfig:
     aux_loss_weight: float = option(0.01, min=0.0, help="α of aux_loss")
     z_loss_weight: float = option(0.001, min=0.0, help="weight of z_loss")
     routing_entropy_weight: float = option(1e-4, min=0.0, help="weight of routing_entropy "
-                                           "(dynamic top-p's dynamic loss; the paper's 1e-4)")
+                                           "(dynamic top-p's dynamic loss)")
     aux_loss_scope: str = option("micro_batch", choices=list(AUX_LOSS_SCOPES),
                                  help="tokens aux_loss counts f and P over: micro_batch; sequence "
                                       "(DeepSeek-V3, input [..., S, d]); global_batch (f over all "

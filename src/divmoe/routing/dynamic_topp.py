@@ -9,7 +9,7 @@ fewer experts than it). Every token keeps at least one expert. Combine weights a
 probabilities, renormalised to sum to 1 when ``renormalize`` (the paper uses the raw
 probabilities: set ``renormalize: false``). The plan has K = top_k slots, unused ones −1.
 
-The paper's dynamic loss, the mean entropy of P that keeps the rule from spreading mass
+The paper's dynamic loss, the mean entropy of P, which keeps the rule from spreading mass
 over many experts, is the balance term ``routing_entropy`` (``moe.balance: [aux_loss,
 routing_entropy]``, weight ``routing_entropy_weight``).
 A selection bias would break the cumulative-probability rule, so only a zero bias is accepted.
