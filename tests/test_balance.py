@@ -1,13 +1,13 @@
-"""Balancers of issue 3: aux-loss scopes, capacity (drop / reroute), HMoE small-expert bias,
-Dirichlet prior, and the loss-free bias invariants."""
+"""Balancers of issue 3: aux-loss scopes, capacity (drop / reroute), HMoE small-expert bias
+and the loss-free bias invariants (the Dirichlet prior: test_dirichlet_prior.py)."""
 
 import math
 
 import pytest
 import torch
 
-from divmoe.balance import (BalanceContext, aux_loss, apply_capacity, dirichlet_prior,
-                            slot_capacity, small_expert_bias)
+from divmoe.balance import (BalanceContext, aux_loss, apply_capacity, slot_capacity,
+                            small_expert_bias)
 from divmoe.config import ConfigError
 from divmoe.diagnostics.load import max_vio
 from divmoe.layer import MoE, MoEConfig
@@ -122,7 +122,7 @@ def test_aux_scopes_reach_the_router(scope):
 
 # ---------------------------------------------------------------- capacity
 
-def reference_capacity(ids_TK, probs_TE, capacity_factor, overflow):
+def reference_capacity(ids_TK, probs_TE, capacity_factor, overflow, priority="position"):
     """The definition in divmoe.balance.capacity, as plain Python loops."""
     T, K = len(ids_TK), len(ids_TK[0])
     E = len(probs_TE[0])
@@ -130,11 +130,21 @@ def reference_capacity(ids_TK, probs_TE, capacity_factor, overflow):
     load = [0] * E
     new = [list(row) for row in ids_TK]
     over = []
-    for k in range(K):                      # rank-major, token order
-        for t in range(T):
+    slots = [(t, k) for k in range(K) for t in range(T) if ids_TK[t][k] >= 0]  # rank-major
+    if priority == "score":  # each expert keeps its C highest-scoring slots
+        kept = set()
+        for e in range(E):
+            mine = sorted((s for s in slots if ids_TK[s[0]][s[1]] == e),
+                          key=lambda s: -probs_TE[s[0]][e])  # stable: ties by position
+            kept |= set(mine[:C])
+            load[e] = len(mine[:C])
+        for t, k in slots:
+            if (t, k) not in kept:
+                new[t][k] = -1
+                over.append((t, k))
+    else:
+        for t, k in slots:
             e = ids_TK[t][k]
-            if e < 0:
-                continue
             if load[e] < C:
                 load[e] += 1
             else:
@@ -183,6 +193,129 @@ def test_capacity_drop_hand_built():
     assert out.weights_TK.squeeze(1).tolist() == [1.0, 1.0, 0.0, 0.0]
 
 
+def test_capacity_score_priority_drops_the_lowest_scoring_tokens():
+    # He et al.'s Capacity-Aware Token Drop: C = 2 of four tokens on expert 0; the two with
+    # the highest expert-0 scores (tokens 1 and 3) stay, whatever their position.
+    plan = plan_of([[0], [0], [0], [0]], [[0.6, 0.4], [0.9, 0.1], [0.7, 0.3], [0.8, 0.2]])
+    out, _ = apply_capacity(plan, 1.0, "drop", priority="score")
+    assert out.expert_ids_TK.squeeze(1).tolist() == [-1, 0, -1, 0]
+    # A lower-ranked slot with a higher score outranks a first choice: token 1's second
+    # choice (0.45 on expert 1) beats token 0's first choice (0.4). C = ceil(0.5·2·2/4) = 1.
+    plan = plan_of([[1, 0], [2, 1]], [[0.3, 0.4, 0.2, 0.1], [0.05, 0.45, 0.5, 0.0]])
+    out, _ = apply_capacity(plan, 0.5, "drop", priority="score")
+    assert out.expert_ids_TK.tolist() == [[-1, 0], [2, 1]]
+    with pytest.raises(ValueError, match="priority='rank': expected one of position, score"):
+        apply_capacity(plan, 0.5, "drop", priority="rank")
+
+
+def test_capacity_score_priority_in_layer():
+    moe = layer(num_experts=4, top_k=1, balance=["capacity"], capacity_factor=0.5,
+                capacity_priority="score")
+    with torch.no_grad():
+        moe.router.gate.weight[0] += 2.0  # crowd expert 0
+    x = torch.rand(24, 8, dtype=torch.float64)
+    plan = moe.router(x)
+    kept = moe(x).stats.expert_ids.squeeze(1)
+    for e in range(4):
+        mine = (plan.expert_ids_TK.squeeze(1) == e).nonzero().squeeze(1)
+        best = mine[plan.probs_TE[mine, e].argsort(descending=True)[:3]]  # C = ⌈0.5·24/4⌉
+        assert sorted((kept == e).nonzero().squeeze(1).tolist()) == sorted(best.tolist())
+    assert int((kept < 0).sum()) > 0
+
+
+def reference_expanded_drop(ids_TK, probs_TE, weights_TK, capacity_factor, expand):
+    """overflow=expand as plain loops (divmoe.balance.capacity)."""
+    T, K, E = len(ids_TK), len(ids_TK[0]), len(probs_TE[0])
+    C = math.ceil(capacity_factor * T * K / E)
+    M = min(E, math.ceil(expand * K))
+    cands = []
+    for t in range(T):
+        routed = [e for e in ids_TK[t] if e >= 0]
+        others = sorted((e for e in range(E) if e not in routed), key=lambda e: -probs_TE[t][e])
+        cands.append(routed + others[:max(0, M - K)])
+    slots = [(t, m) for m in range(M) for t in range(T) if m < len(cands[t])]  # rank-major
+    alive = set()
+    for e in range(E):
+        mine = sorted((s for s in slots if cands[s[0]][s[1]] == e),
+                      key=lambda s: -probs_TE[s[0]][e])
+        alive |= set(mine[:C])
+    new_ids, new_w = [], []
+    for t in range(T):
+        best = sorted((cands[t][m] for m in range(len(cands[t])) if (t, m) in alive),
+                      key=lambda e: -probs_TE[t][e])
+        ref = max((k for k in range(K) if ids_TK[t][k] >= 0), key=lambda k: weights_TK[t][k])
+        ratio = weights_TK[t][ref] / probs_TE[t][ids_TK[t][ref]]
+        row_ids, row_w, r = [], [], 0
+        for k in range(K):
+            if ids_TK[t][k] < 0 or r >= len(best):
+                row_ids.append(-1)
+                row_w.append(0.0)
+                continue
+            e = best[r]
+            r += 1
+            row_ids.append(e)
+            row_w.append(weights_TK[t][ids_TK[t].index(e)] if e in ids_TK[t]
+                         else probs_TE[t][e] * ratio)
+        new_ids.append(row_ids)
+        new_w.append(row_w)
+    return new_ids, new_w
+
+
+def test_capacity_expanded_drop_hand_built():
+    # C = 2; four tokens want expert 0 (k=1), candidates = both experts (expand 2 → M = 2).
+    # Expert 0 keeps its two best scores (tokens 0, 1), expert 1 its two best (tokens 3, 2):
+    # nobody is dropped, tokens 2 and 3 move to expert 1 with weight p_new · w/p_old.
+    probs = [[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]]
+    plan = plan_of([[0]] * 4, probs)
+    out, moved = apply_capacity(plan, 1.0, "expand", expand=2.0)
+    assert out.expert_ids_TK.squeeze(1).tolist() == [0, 0, 1, 1] and moved == 2
+    torch.testing.assert_close(out.weights_TK.squeeze(1),
+                               torch.tensor([1.0, 1.0, 0.3 / 0.7, 0.4 / 0.6], dtype=torch.float64))
+    dropped, _ = apply_capacity(plan, 1.0, "drop", priority="score")  # the plain Token Drop
+    assert dropped.expert_ids_TK.squeeze(1).tolist() == [0, 0, -1, -1]
+    # expand = 1: no extra candidates, the same as Token Drop
+    same, _ = apply_capacity(plan, 1.0, "expand", expand=1.0)
+    assert torch.equal(same.expert_ids_TK, dropped.expert_ids_TK)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_capacity_expanded_drop_matches_reference_loop(seed):
+    gen = torch.Generator().manual_seed(seed)
+    E = int(torch.randint(3, 9, (1,), generator=gen))
+    K = int(torch.randint(1, min(3, E) + 1, (1,), generator=gen))
+    T = int(torch.randint(2, 30, (1,), generator=gen))
+    probs = torch.softmax(2 * torch.randn(T, E, generator=gen, dtype=torch.float64), -1)
+    skew = torch.zeros(E, dtype=torch.float64)
+    skew[0] = 3.0
+    ids = (probs.log() + skew).topk(K, dim=-1).indices  # not in score order: a selection bias
+    if seed % 3 == 0:
+        ids[torch.rand(T, K, generator=gen) < 0.2] = -1
+        ids[:, 0] = ids[:, 0].clamp_min(0)  # every token keeps a routed slot
+    chosen = probs.gather(1, ids.clamp_min(0)) * (ids >= 0)
+    weights = chosen / chosen.sum(-1, keepdim=True)
+    cf, expand = [0.5, 0.8, 1.0][seed % 3], [1.5, 2.0, 3.0][seed % 3]
+    out, _ = apply_capacity(plan_of(ids, probs, weights=weights), cf, "expand", expand=expand)
+    ref_ids, ref_w = reference_expanded_drop(ids.tolist(), probs.tolist(), weights.tolist(),
+                                             cf, expand)
+    assert out.expert_ids_TK.tolist() == ref_ids
+    torch.testing.assert_close(out.weights_TK, torch.tensor(ref_w, dtype=torch.float64))
+    assert int(out.tokens_per_expert().max()) <= math.ceil(cf * T * K / E)
+
+
+def test_capacity_expanded_drop_in_layer():
+    moe = layer(num_experts=4, top_k=2, balance=["capacity"], capacity_factor=1.0,
+                capacity_overflow="expand", capacity_expand=2.0)
+    with torch.no_grad():
+        moe.router.gate.weight[0] += 2.0  # crowd expert 0
+    x = torch.rand(3, 10, 8, dtype=torch.float64)
+    out = moe(x)
+    assert int(out.stats.tokens_per_expert.max()) <= math.ceil(30 * 2 / 4)
+    assert out.stats.rerouted_slots > 0
+    assert int(out.stats.tokens_per_expert.sum()) + out.stats.dropped_slots == 60
+    out.output.sum().backward()
+    assert router_grad(moe) > 0
+
+
 def test_capacity_rank_major_priority():
     # First choices of all tokens outrank second choices: token 1's first choice (expert 1)
     # keeps its place although token 0's second choice asked for expert 1 too.
@@ -221,7 +354,8 @@ def test_capacity_reroute_never_duplicates_an_expert_and_drops_when_full():
 
 @pytest.mark.parametrize("seed", range(20))
 @pytest.mark.parametrize("overflow", ["drop", "reroute"])
-def test_capacity_matches_reference_loop(seed, overflow):
+@pytest.mark.parametrize("priority", ["position", "score"])
+def test_capacity_matches_reference_loop(seed, overflow, priority):
     gen = torch.Generator().manual_seed(seed)
     r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))
     E = r(2, 8)
@@ -234,8 +368,9 @@ def test_capacity_matches_reference_loop(seed, overflow):
         ids[torch.rand(T, K, generator=gen) < 0.2] = -1
     cf = [0.5, 0.8, 1.0, 1.25][seed % 4]
     plan = plan_of(ids, probs, weights=probs.gather(1, ids.clamp_min(0)))
-    out, rerouted = apply_capacity(plan, cf, overflow)
-    ref_ids, ref_rerouted = reference_capacity(ids.tolist(), probs.tolist(), cf, overflow)
+    out, rerouted = apply_capacity(plan, cf, overflow, priority=priority)
+    ref_ids, ref_rerouted = reference_capacity(ids.tolist(), probs.tolist(), cf, overflow,
+                                               priority)
     assert out.expert_ids_TK.tolist() == ref_ids
     assert rerouted == ref_rerouted
     C = math.ceil(cf * T * K / E)
@@ -301,55 +436,13 @@ def test_small_expert_bias_in_layer_uses_expert_sizes():
     assert router_grad(moe) > 0
 
 
-# ---------------------------------------------------------------- dirichlet_prior
-
-def test_dirichlet_prior_closed_form():
-    E = 4
-    plan = plan_of([[0]] * 3, [[0.25] * 4] * 3)
-    alpha = torch.full((E,), 2.0)
-    ctx = BalanceContext(dirichlet_alpha_E=alpha)
-    # −log Dir(u; 2) = −[lgamma(8) − 4·lgamma(2) + 4·log(1/4)]
-    expected = -(math.lgamma(8.0) - 4 * math.lgamma(2.0) + 4 * math.log(0.25))
-    assert math.isclose(float(dirichlet_prior(plan, ctx)), expected, rel_tol=1e-12)
-    # α = 1 is the flat density: constant −lgamma(E)
-    ctx.dirichlet_alpha_E = torch.ones(E)
-    assert math.isclose(float(dirichlet_prior(plan, ctx)), -math.lgamma(4.0), rel_tol=1e-12)
-    # asymmetric α: matches torch.distributions
-    a = torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64)
-    p = torch.tensor([[0.1, 0.2, 0.3, 0.4]], dtype=torch.float64)
-    ctx.dirichlet_alpha_E = a
-    ref = -torch.distributions.Dirichlet(a).log_prob(p)
-    assert math.isclose(float(dirichlet_prior(plan_of([[0]], p), ctx)), float(ref), rel_tol=1e-10)
-
-
-def test_dirichlet_prior_large_alpha_prefers_spread_routing():
-    ctx = BalanceContext(dirichlet_alpha_E=torch.full((4,), 3.0))
-    flat = plan_of([[0]], [[0.25] * 4])
-    peaked = plan_of([[0]], [[0.85, 0.05, 0.05, 0.05]])
-    assert float(dirichlet_prior(flat, ctx)) < float(dirichlet_prior(peaked, ctx))
-    ctx.dirichlet_alpha_E = torch.full((4,), 0.5)  # small α: the reverse
-    assert float(dirichlet_prior(flat, ctx)) > float(dirichlet_prior(peaked, ctx))
-
-
-def test_dirichlet_prior_in_layer():
-    moe = layer(num_experts=3, top_k=1, balance=["dirichlet_prior"],
-                dirichlet_alpha_per_expert=[1.5, 2.0, 4.0])
-    x = torch.randn(2, 6, 8, dtype=torch.float64)
-    out = moe(x)
-    probs = moe.router(x.reshape(-1, 8)).probs_TE
-    ref = -torch.distributions.Dirichlet(torch.tensor([1.5, 2.0, 4.0], dtype=torch.float64)) \
-        .log_prob(probs).mean()
-    assert math.isclose(out.stats.losses["dirichlet_prior"], float(ref), rel_tol=1e-6)
-    out.aux_loss.backward()
-    assert router_grad(moe) > 0
-
-
 # ---------------------------------------------------------------- loss-free bias invariants
 
-def test_loss_free_bias_lowers_max_vio_on_a_skewed_router():
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])  # sigmoid: the paper's gate
+def test_loss_free_bias_lowers_max_vio_on_a_skewed_router(score_func):
     torch.manual_seed(7)
     moe = MoE(8, MoEConfig(num_experts=4, top_k=1, balance=["loss_free_bias"],
-                           bias_update_rate=1e-2))
+                           bias_update_rate=1e-2, score_func=score_func))
     with torch.no_grad():
         moe.router.gate.weight[0] += 0.5  # skewed towards expert 0
     x = torch.rand(64, 8) + 0.2
@@ -366,9 +459,11 @@ def test_loss_free_bias_lowers_max_vio_on_a_skewed_router():
     assert end < start and min(vios[-20:]) < start
 
 
-def test_loss_free_bias_does_not_change_combine_gradients():
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_loss_free_bias_does_not_change_combine_gradients(score_func):
     torch.manual_seed(8)
-    moe = MoE(8, MoEConfig(num_experts=6, top_k=2, balance=["loss_free_bias"])).double()
+    moe = MoE(8, MoEConfig(num_experts=6, top_k=2, balance=["loss_free_bias"],
+                           score_func=score_func)).double()
     x = torch.randn(40, 8, dtype=torch.float64)
     g = torch.randn(40, 2, dtype=torch.float64)
     bias = 1e-4 * torch.randn(6, dtype=torch.float64)  # too small to change any choice
@@ -383,6 +478,46 @@ def test_loss_free_bias_does_not_change_combine_gradients():
     ids1, g1 = combine_grad(bias)
     assert torch.equal(ids0, ids1)
     assert torch.equal(g0, g1)
+
+
+def test_loss_free_bias_with_sigmoid_selects_by_biased_scores_and_weights_by_sigmoid():
+    """Wang et al.'s gate: g_i = s_i for i in TopK(s_i + b_i), s = sigmoid(logits),
+    renormalised over the chosen experts; a bias large enough changes the choice, never the
+    weight of a chosen expert."""
+    torch.manual_seed(9)
+    moe = MoE(8, MoEConfig(num_experts=4, top_k=2, balance=["loss_free_bias"],
+                           score_func="sigmoid")).double()
+    x = torch.randn(16, 8, dtype=torch.float64)
+    bias = torch.tensor([0.0, 0.0, 0.0, 10.0], dtype=torch.float64)  # expert 3 always chosen
+    with torch.no_grad():
+        plan = moe.router(x, selection_bias_E=bias)
+        s = moe.router.gate(x).sigmoid()
+    assert bool((plan.expert_ids_TK == 3).any(-1).all())
+    other = (s[:, :3]).argmax(-1)
+    expected_ids = torch.stack([other, torch.full_like(other, 3)], -1)
+    assert torch.equal(plan.expert_ids_TK.sort(-1).values, expected_ids)
+    chosen = s.gather(1, plan.expert_ids_TK)
+    torch.testing.assert_close(plan.weights_TK, chosen / chosen.sum(-1, keepdim=True))
+
+
+def test_training_batch_max_vio_is_the_steps_whole_batch():
+    """MaxVio_batch (Loss-Free Balancing): the load of the step's whole batch, all micro-batches
+    summed, not one micro-batch's."""
+    from divmoe.models.transformer import ModelConfig, MoETransformer
+    from divmoe.train import train_step
+    from divmoe.train.step import batch_max_vio
+    assert math.isclose(float(batch_max_vio(torch.tensor([[3.0, 1.0], [2.0, 2.0]]))), 0.25)
+    torch.manual_seed(0)
+    model = MoETransformer(ModelConfig(d_model=16, n_layers=2, n_heads=2, seq_len=12),
+                           MoEConfig(num_experts=4, top_k=1, expert_hidden=8))
+    tokens = torch.cat([torch.randint(0, 64, (2, 13)), torch.randint(128, 256, (2, 13))])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with torch.no_grad():
+        expected = sum(torch.stack([s.tokens_per_expert.double() for s in model(t[:, :-1]).stats])
+                       for t in (tokens[:2], tokens[2:]))
+    result = train_step(model, opt, [tokens[:2], tokens[2:]])
+    torch.testing.assert_close(result.load_LE, expected)
+    assert result.load_LE.shape == (2, 4) and float(result.load_LE.sum()) == 2 * 4 * 12
 
 
 # ---------------------------------------------------------------- config errors
@@ -427,3 +562,68 @@ def test_grad_accum_global_batch_trains_and_resumes_exactly(tmp_path):
                           for r in rows]
     assert [r["step"] for r in full.metrics] == [0, 2, 4]
     assert strip(resumed.metrics) == strip(full.metrics)
+
+
+def _lm_and_batches(global_counts, seed=0):
+    from divmoe.models.transformer import ModelConfig, MoETransformer
+    torch.manual_seed(seed)
+    model = MoETransformer(ModelConfig(d_model=16, n_layers=1, n_heads=2, seq_len=12),
+                           MoEConfig(num_experts=4, top_k=1, expert_hidden=8, balance=["aux_loss"],
+                                     aux_loss_weight=1.0, aux_loss_scope="global_batch",
+                                     aux_loss_global_counts=global_counts)).double()
+    # Two micro-batches that route differently (different byte ranges).
+    tokens = torch.cat([torch.randint(0, 64, (2, 13)), torch.randint(128, 256, (2, 13))])
+    return model, tokens
+
+
+def _one_sgd_step(model, micro_batches):
+    from divmoe.train import train_step
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    train_step(model, opt, micro_batches)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_global_counting_pass_equals_one_batch_of_the_whole_step():
+    """counting_pass is exact: 2 micro-batches of 2 sequences give the step one batch of 4
+    gives (SGD, so equal gradients ⇔ equal parameters); running (the buffer) does not."""
+    model, tokens = _lm_and_batches("counting_pass")
+    one_batch = _one_sgd_step(model, [tokens])
+    model, tokens = _lm_and_batches("counting_pass")
+    counted = _one_sgd_step(model, [tokens[:2], tokens[2:]])
+    torch.testing.assert_close(counted, one_batch, rtol=1e-10, atol=1e-12)
+    model, tokens = _lm_and_batches("running")
+    running = _one_sgd_step(model, [tokens[:2], tokens[2:]])
+    assert float((running - one_batch).abs().max()) > 1e-6
+
+
+def test_global_counting_pass_feeds_every_micro_batch_the_step_counts():
+    model, tokens = _lm_and_batches("counting_pass")
+    moe = model.blocks[0].mlp
+    model.train()
+    model.begin_step()
+    model.count_step([tokens[:2, :-1], tokens[2:, :-1]])
+    step_counts = moe.balancer.step_counts_E.clone()
+    first = model(tokens[:2, :-1]).stats[0].tokens_per_expert.double()
+    second = model(tokens[2:, :-1]).stats[0].tokens_per_expert.double()
+    torch.testing.assert_close(step_counts, first + second)  # the pass saw the step's routing
+    torch.testing.assert_close(moe.balancer.step_counts_E, step_counts)  # and nothing re-adds
+    model.update_balancers()
+    assert float(moe.balancer.step_counts_E.sum()) == 0 and not moe.balancer.counts_complete
+
+
+def test_global_counting_pass_leaves_the_loss_free_load_and_rng_alone():
+    from divmoe.models.transformer import ModelConfig, MoETransformer
+    torch.manual_seed(0)
+    model = MoETransformer(ModelConfig(d_model=16, n_layers=1, n_heads=2, seq_len=12),
+                           MoEConfig(num_experts=4, top_k=1, expert_hidden=8, jitter=0.1,
+                                     balance=["aux_loss", "loss_free_bias"],
+                                     aux_loss_scope="global_batch",
+                                     aux_loss_global_counts="counting_pass"))
+    tokens = torch.randint(0, 256, (4, 12))
+    balancer = model.blocks[0].mlp.balancer
+    model.begin_step()
+    state = torch.random.get_rng_state()
+    model.count_step([tokens[:2], tokens[2:]])
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert float(balancer.load_since_update_E.sum()) == 0
+    assert float(balancer.step_counts_E.sum()) == 4 * 12

@@ -80,6 +80,37 @@ def test_mi_equals_domain_entropy_for_perfect_specialisation():
     assert (js > 0).all() and js[2] > js[1] > js[0]
 
 
+def test_mi_given_token_hand_computed_and_zero_when_the_token_decides():
+    from divmoe.diagnostics.specialization import conditional_mutual_information_bits as cmi
+    # token 0: expert = domain (1 bit given v = 0); token 1: independent (0 bits); p(v) = ½ each
+    counts = torch.tensor([[[2, 0], [0, 2]], [[1, 1], [1, 1]]])
+    assert cmi(counts) == pytest.approx(0.5)
+    # Each domain uses its own token and each token its own expert: the plain MI is a full bit,
+    # all of it explained by the token (a hash router on bytes looks like this)
+    by_token = torch.zeros(2, 2, 2)
+    by_token[0, 0, 0], by_token[1, 1, 1] = 5, 5
+    assert mutual_information_bits(by_token.sum(0)) == pytest.approx(1.0)
+    assert cmi(by_token) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match=r"\[V, E, D\]"):
+        cmi(torch.ones(2, 2))
+
+
+def test_evaluation_mi_given_token_is_zero_for_a_hash_router():
+    """Plain MI rewards a hash router for the domains' byte frequencies; MI given the token
+    does not (the expert is a function of the token id)."""
+    from divmoe.models.transformer import ModelConfig, MoETransformer
+    from divmoe.train import evaluate
+    torch.manual_seed(0)
+    model = MoETransformer(ModelConfig(d_model=16, n_layers=1, n_heads=2, seq_len=16),
+                           MoEConfig(num_experts=4, top_k=1, expert_hidden=8, router="hash",
+                                     balance=[]))
+    val = {"lower": torch.randint(97, 123, (4, 17)), "digits": torch.randint(48, 58, (4, 17))}
+    ev = evaluate(model, val, batch_size=2, probe_tokens_per_domain=0)
+    assert mutual_information_bits(torch.tensor(ev.routing["counts"][0])) > 0.05
+    assert ev.row["mi_given_token_bits"] == pytest.approx(0.0, abs=1e-12)
+    assert ev.row["mi_given_token_bits_by_layer"] == [ev.row["mi_given_token_bits"]]
+
+
 def test_expert_domain_counts_checks_lengths():
     with pytest.raises(ValueError, match="tokens"):
         expert_domain_counts(torch.zeros(3, 2, dtype=torch.long), torch.zeros(4), 2)
@@ -108,6 +139,60 @@ def test_srp_paper_value_by_hand():
     assert segment_counts(ids, 2, 2).tolist() == [[[1, 1], [1, 1], [1, 1]]]
 
 
+def reference_sch(ids_SK, E, m):
+    """SCH(m, c) of one sequence as the released 41_sch_calc.py steps through it: seen experts
+    ranked by (activations in [t, t + m), latest use); first uses after them, in slot order."""
+    S, K = len(ids_SK), len(ids_SK[0])
+    last, stat, total = {}, [0] * E, 0
+    for t in range(S):
+        ahead = [0] * E
+        for row in ids_SK[t:t + m]:
+            for e in row:
+                if 0 <= e < E:
+                    ahead[e] += 1
+        rank = {e: i for i, e in enumerate(sorted(last, key=lambda e: (-ahead[e], -last[e])))}
+        new = 0
+        for e in ids_SK[t]:
+            if not 0 <= e < E:
+                continue
+            if e in rank:
+                stat[rank[e]] += 1
+            else:
+                stat[len(rank) + new] += 1
+                new += 1
+            total += 1
+        for k, e in enumerate(ids_SK[t]):
+            if 0 <= e < E:
+                last[e] = t * K + k
+    out, run = [], 0
+    for s in stat:
+        run += s
+        out.append(run / total)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_sch_matches_the_released_procedure(seed):
+    g = torch.Generator().manual_seed(seed)
+    E, K, S = 6, 2, 30
+    base = torch.randint(0, 3, (S,), generator=g)  # sticky routing: a few experts at a time
+    jump = torch.rand(S, generator=g) < 0.3
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] if bool(j)
+                       else torch.tensor([int(b), int(b) + 3]) for b, j in zip(base, jump)])
+    if seed % 2:
+        ids[torch.rand(S, K, generator=g) < 0.1] = -1  # empty slots are not activations
+    for m in (1, 3, 8):
+        assert segment_cache_hit_rate(ids, E, m).tolist() == pytest.approx(
+            reference_sch(ids.tolist(), E, m), abs=1e-12)
+
+
+def test_sch_first_use_is_a_miss_for_small_caches():
+    # k = 1, experts 0, 1, 2, 0: each first use sits after the experts seen so far, so a
+    # one-expert cache misses experts 1 and 2 although the look-ahead (m = 1) shows them.
+    ids = torch.tensor([[0], [1], [2], [0]])
+    assert segment_cache_hit_rate(ids, 3, 1).tolist() == pytest.approx([2 / 4, 3 / 4, 1.0])
+
+
 def test_sch_monotone_and_one_with_all_experts():
     g = torch.Generator().manual_seed(0)
     ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(3 * 40)]).reshape(3, 40, 2)
@@ -116,8 +201,16 @@ def test_sch_monotone_and_one_with_all_experts():
         assert sch.shape == (8,)
         assert (sch[1:] >= sch[:-1] - 1e-12).all()
         assert sch[-1] == pytest.approx(1.0)
-    # m = 1: the cache holds the current token's experts → c >= k hits everything
-    assert segment_cache_hit_rate(ids, 8, 1)[1] == pytest.approx(1.0)
+    # m = 1: the cache holds the current token's experts once seen → c >= k misses only the
+    # first uses found after the first k experts of a sequence
+    firsts = 0
+    for seq in ids.tolist():
+        seen = []
+        for row in seq:
+            new = [e for e in row if e not in seen]
+            firsts += sum(1 for j in range(len(new)) if len(seen) + j >= 2)
+            seen += new
+    assert segment_cache_hit_rate(ids, 8, 1)[1] == pytest.approx(1 - firsts / ids.numel())
     # looking further ahead can only make a cache of k experts worse on random routing
     curve = sch_curve(ids, 8, [1, 16])
     assert curve[16][1] < curve[1][1]

@@ -22,6 +22,7 @@ LAYOUTS = {
     "hetero": dict(expert_layout="swiglu", expert_widths=[1, 4, 4, 9, 2, 9]),  # unsorted buckets
     "hetero_sorted": dict(expert_layout="swiglu", expert_widths=[1, 3, 3, 3, 8, 8]),
     "lora": dict(expert_layout="lora", lora_rank=3),
+    "gelu": dict(expert_layout="gelu"),
 }
 DTYPES = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -216,7 +217,7 @@ def brute_force(ids_TK, sizes, shared, router, base=0):
     out = []
     for row in ids_TK.tolist():
         real = {e for e in row if e >= 0}
-        out.append(sum(sizes[e] for e in real) + shared + router + (base if real else 0))
+        out.append(sum(sizes[e] + base for e in real) + shared + router)
     return out
 
 
@@ -260,7 +261,7 @@ def test_stats_activated_params(layout):
     base = 3 * 8 * 4 if layout == "lora" else 0
     assert s.activated_params_T.tolist() == brute_force(s.expert_ids, sizes, shared, router, base)
     assert s.activated_params_mean == pytest.approx(float(s.activated_params_T.double().mean()))
-    static = shared + router + base + 2 * sum(sizes) / len(sizes)
+    static = shared + router + 2 * (base + sum(sizes) / len(sizes))  # the base once per expert
     assert moe.active_params_per_token() == round(static)
     if layout == "stacked":  # the old formula for equal experts
         assert moe.active_params_per_token() == router + shared + 2 * 3 * 8 * 4
@@ -286,7 +287,8 @@ def test_null_expert_slots_cost_nothing():
     (dict(num_experts=2, expert_widths=[4, 0]), r"expert_widths=\[4, 0\].*>= 1"),
     (dict(num_experts=2, expert_widths=[4, "x"]), r"expert_widths\[1\]='x'"),
     (dict(num_experts=2, expert_widths=[4, 4], expert_layout="lora"), "expert_layout='lora'"),
-    (dict(expert_layout="gelu"), "expert_layout='gelu'.*lora, swiglu"),
+    (dict(expert_layout="relu"), "expert_layout='relu'.*gelu, lora, swiglu"),
+    (dict(num_experts=2, expert_widths=[4, 4], expert_layout="gelu"), "expert_layout='gelu'"),
     (dict(lora_rank=0), "lora_rank=0.*>= 1"),
 ])
 def test_bad_layout_config_raises(kw, match):
@@ -295,7 +297,7 @@ def test_bad_layout_config_raises(kw, match):
 
 
 def test_registry_builds_each_layout():
-    assert set(EXPERT_LAYOUTS) == {"swiglu", "lora"}
+    assert set(EXPERT_LAYOUTS) == {"swiglu", "lora", "gelu"}
     assert isinstance(MoE(4, num_experts=2, top_k=1).experts, StackedSwiGLU)
     assert isinstance(MoE(4, num_experts=2, top_k=1, expert_widths=[2, 3]).experts, HeteroSwiGLU)
     assert isinstance(MoE(4, num_experts=2, top_k=1, expert_layout="lora").experts, LoRASwiGLU)

@@ -36,8 +36,10 @@ def test_settings_are_real_fields_and_specific():
     assert {"num_null_experts", "null_target"} <= set(rows["router", "null_experts"])
     assert "null_usage_weight" in rows["balancer", "null_usage"]
     assert "top_k" not in rows["router", "soft_merge"]      # one merged expert, k unused
-    assert {"aux_loss_weight", "aux_loss_scope"} == set(rows["balancer", "aux_loss"])
-    assert {"capacity_factor", "capacity_overflow"} == set(rows["balancer", "capacity"])
+    assert {"aux_loss_weight", "aux_loss_scope", "aux_loss_global_counts"} == \
+        set(rows["balancer", "aux_loss"])
+    assert {"capacity_factor", "capacity_overflow", "capacity_priority", "capacity_expand"} == \
+        set(rows["balancer", "capacity"])
     assert rows["balancer", "loss_free_bias"] == ["bias_update_rate"]
     assert "lora_rank" in rows["expert_layout", "lora"]
     # a component's settings never include another router's options

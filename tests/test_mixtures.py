@@ -36,6 +36,29 @@ def test_set_weights_changes_the_draws_and_keeps_batches_pure():
         s.set_weights({"zz": 1.0})
 
 
+def test_single_domain_batches_follow_the_weights_over_batches():
+    """batch_domains=single: every batch is one domain (its rows are windows of it), drawn by
+    the mixture weights across batches; pure in (seed, step) like the mixed sampler."""
+    s = MixtureSampler(_docs(), seq_len=16, seed=3, weights={"aa": 1, "bb": 1, "cc": 2},
+                       batch_domains="single")
+    firsts = []
+    for step in range(800):
+        tokens, dom = s.batch(step, 4)
+        assert bool((dom == dom[0]).all())
+        allowed = set(s.domain_names[int(dom[0])] + "0123456789 \n")
+        assert all(set(bytes(row.tolist()).decode()) <= allowed for row in tokens)
+        firsts.append(int(dom[0]))
+    freq = torch.bincount(torch.tensor(firsts), minlength=3).double() / 800
+    assert torch.allclose(freq, torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64), atol=0.05)
+    again = MixtureSampler(_docs(), seq_len=16, seed=3, weights={"aa": 1, "bb": 1, "cc": 2},
+                           batch_domains="single")
+    assert torch.equal(again.batch(7, 4)[0], s.batch(7, 4)[0])
+    mixed = MixtureSampler(_docs(), seq_len=16, seed=3, weights={"aa": 1, "bb": 1, "cc": 2})
+    assert any(len(set(mixed.batch(step, 4)[1].tolist())) > 1 for step in range(10))
+    with pytest.raises(ValueError, match="batch_domains='rows': expected one of mixed, single"):
+        MixtureSampler(_docs(), seq_len=16, seed=3, batch_domains="rows")
+
+
 def test_probe_windows_are_fixed_and_from_their_domain():
     s = MixtureSampler(_docs(), seq_len=16, seed=0)
     p = s.probe_windows(5)

@@ -11,7 +11,7 @@ import torch
 from divmoe.config import ConfigError
 import divmoe.dispatch.grouped as dispatch_grouped
 from divmoe.layer import MoE, MoEConfig
-from divmoe.routing import ROUTERS
+from divmoe.routing import ROUTERS, RoutingPlan
 from divmoe.balance import tokens_per_expert_choice
 from divmoe.routing.hash import hash_keys
 from divmoe.routing.null_experts import null_usage_loss
@@ -448,3 +448,35 @@ def test_transformer_trains_two_steps(router):
     for loss, stats in train_steps(model, torch.randint(0, 32, (3, 12))):
         assert math.isfinite(loss) and len(stats) == 2
     assert model.param_counts()["params_active"] > 0
+
+
+# ---------------------------------------------------------------- dynamic top-p's dynamic loss
+
+def test_routing_entropy_hand_computed():
+    from divmoe.balance import routing_entropy
+    probs = torch.tensor([[0.5, 0.5], [1.0, 0.0]], dtype=torch.float64)
+    plan = RoutingPlan(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), probs, probs.log())
+    assert math.isclose(float(routing_entropy(plan)), math.log(2) / 2, rel_tol=1e-6)
+
+
+def test_dynamic_topp_without_cap_and_its_entropy_loss_lowers_the_experts_used():
+    """top_k = num_experts: no cap below E (a near-uniform router keeps ⌈p·E⌉ experts);
+    descending routing_entropy sharpens the router, so the top-p rule keeps fewer."""
+    torch.manual_seed(0)
+    moe = MoE(8, MoEConfig(num_experts=8, top_k=8, router="dynamic_topp", top_p=0.5,
+                           balance=["routing_entropy"], routing_entropy_weight=1.0))
+    with torch.no_grad():
+        moe.router.gate.weight.mul_(1e-3)  # near-uniform: every token needs 4 of 8 experts
+    x = torch.randn(64, 8)
+
+    def experts_used():
+        with torch.no_grad():
+            return float((moe.router(x).expert_ids_TK >= 0).sum(-1).double().mean())
+
+    assert experts_used() == 4.0
+    opt = torch.optim.SGD(moe.router.parameters(), lr=50.0)
+    for _ in range(20):
+        opt.zero_grad()
+        moe(x).aux_loss.backward()
+        opt.step()
+    assert experts_used() < 3.0

@@ -44,6 +44,13 @@ def test_train_writes_every_artifact(tmp_path):
     assert rows[-1]["val_bpb"] < rows[0]["val_bpb"]  # it learns something even in 12 steps
     routing = json.loads((run / "routing.json").read_text())
     assert len(routing["counts"]) == 2 and len(routing["counts"][0][0]) == len(routing["domains"])
+    # MaxVio over the pooled validation set: from the last evaluation's counts, all domains
+    pooled = [[sum(c) for c in layer] for layer in routing["counts"]]
+    vio = [(max(load) - sum(load) / len(load)) / (sum(load) / len(load)) for load in pooled]
+    assert rows[-1]["max_vio_pooled"] == pytest.approx(sum(vio) / len(vio), rel=1e-12)
+    assert rows[-1]["max_vio_pooled_by_layer"] == pytest.approx(vio, rel=1e-12)
+    # MaxVio of the training batches: none before the first step, then a real number
+    assert rows[0]["train_max_vio"] is None and rows[-1]["train_max_vio"] > 0
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["moe"]["num_experts"] == 4 and resolved["train"]["steps"] == 12
     assert "<img" in (run / "report.html").read_text()
@@ -62,7 +69,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
 
 def test_dense_baseline_trains(tmp_path):
     result = train(tmp_path / "dense", load_config(None, TINY + ["model.moe=false"]), progress=False)
-    assert result.metrics[-1]["max_vio"] is None
+    assert result.metrics[-1]["max_vio"] is None and result.metrics[-1]["train_max_vio"] is None
     assert not (tmp_path / "dense" / "routing.json").exists()
     summary = json.loads((tmp_path / "dense" / "summary.json").read_text())
     assert summary["model"] == "dense" and summary["params_total"] == summary["params_active"]

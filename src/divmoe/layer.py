@@ -151,12 +151,12 @@ class MoE(nn.Module):
         self.balancer.update()
 
     def active_params_per_token(self) -> int:
-        """Parameters a token touches: router + k routed experts + shared experts (+ the frozen
-        base of LoRA experts). Unequal experts (HMoE) count at their mean size, the expectation
+        """Parameters a token touches: router + k routed experts + shared experts (LoRA experts:
+        each with the frozen base it runs inside). Unequal experts (HMoE) count at their mean size, the expectation
         under uniform routing; ``RoutingStats.activated_params_mean`` measures the real value."""
         mean_size = float(self._expert_sizes_E.double().mean())
         k = self.router.experts_per_token()
-        return int(round(self._fixed_params + self.experts.base_params() + k * mean_size))
+        return int(round(self._fixed_params + k * (self.experts.base_params() + mean_size)))
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> MoEOutput:
         """``token_ids`` (shape ``x.shape[:-1]``) is needed only by routers that route on ids."""

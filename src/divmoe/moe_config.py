@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .balance import AUX_LOSS_SCOPES, BALANCERS, CAPACITY_OVERFLOW
+from .balance import (AUX_LOSS_SCOPES, BALANCERS, CAPACITY_OVERFLOW, CAPACITY_PRIORITY,
+                      GLOBAL_COUNTS)
 from .config import option
 from .dispatch import DISPATCHERS, check_dispatch
 from .diversity.regularizers import DIVERSITY_REGULARIZERS
@@ -33,8 +34,9 @@ class MoEConfig:
     top_k: int = option(2, min=1, help="experts per token k")
     expert_hidden: int = option(128, min=1, help="hidden width of each routed expert")
     expert_layout: str = option("swiglu", choices=sorted(EXPERT_LAYOUTS),
-                                help="swiglu = independent SwiGLU experts; lora = low-rank "
-                                     "adapters over one frozen dense SwiGLU (LoRAMoE/MoLA)")
+                                help="swiglu = independent SwiGLU experts; gelu = independent "
+                                     "GELU MLPs (GShard/Switch); lora = low-rank adapters over "
+                                     "one frozen dense SwiGLU (LoRAMoE/MoLA)")
     expert_widths: Optional[list[int]] = option(None, help="per-expert hidden widths (HMoE; "
                                                 "length num_experts; overrides expert_hidden)")
     lora_rank: int = option(8, min=1, help="adapter rank of lora experts")
@@ -51,16 +53,38 @@ class MoEConfig:
                                 help="balancing losses, controllers and plan transforms")
     aux_loss_weight: float = option(0.01, min=0.0, help="α of aux_loss")
     z_loss_weight: float = option(0.001, min=0.0, help="weight of z_loss")
+    routing_entropy_weight: float = option(1e-4, min=0.0, help="weight of routing_entropy "
+                                           "(dynamic top-p's dynamic loss)")
     aux_loss_scope: str = option("micro_batch", choices=list(AUX_LOSS_SCOPES),
                                  help="tokens aux_loss counts f and P over: micro_batch; sequence "
                                       "(DeepSeek-V3, input [..., S, d]); global_batch (f over all "
                                       "micro-batches and ranks of an optimizer step)")
+    aux_loss_global_counts: str = option("running", choices=list(GLOBAL_COUNTS),
+                                         help="global_batch under grad_accum: running = micro-"
+                                              "batch j uses the counts of micro-batches 0..j "
+                                              "(the paper's buffer); counting_pass = every "
+                                              "micro-batch uses the whole step's counts, from "
+                                              "a no-grad forward over the step first (exact, "
+                                              "one more forward per step)")
     capacity_overflow: str = option("drop", choices=list(CAPACITY_OVERFLOW),
-                                    help="capacity: drop the slots past an expert's capacity, or "
-                                         "reroute them to the next-best expert with room")
+                                    help="capacity: drop the slots past an expert's capacity, "
+                                         "reroute them to the next-best expert with room, or "
+                                         "expand each token's candidates and keep the best "
+                                         "within capacity (Expanded Drop)")
+    capacity_priority: str = option("position", choices=list(CAPACITY_PRIORITY),
+                                    help="capacity: which slots a full expert keeps: position "
+                                         "(first choices first, then token order; GShard) or "
+                                         "score (the highest router scores: Capacity-Aware "
+                                         "Token Drop)")
+    capacity_expand: float = option(2.0, min=1.0,
+                                    help="capacity_overflow=expand: candidates per token = "
+                                         "ceil(capacity_expand·top_k) best experts, cut to "
+                                         "each expert's capacity by score (Expanded Drop)")
     small_expert_bias_weight: float = option(0.01, min=0.0,
                                              help="weight of small_expert_bias (HMoE P-Penalty)")
-    dirichlet_prior_weight: float = option(0.001, min=0.0, help="weight of dirichlet_prior")
+    dirichlet_prior_weight: float = option(0.01, min=0.0, help="weight of dirichlet_prior (at "
+                                           "initialisation its router gradient per unit weight "
+                                           "is about aux_loss's, so 0.01 matches aux_loss_weight)")
     dirichlet_alpha: float = option(2.0, min=0.0, min_exclusive=True,
                                     help="dirichlet_prior: symmetric concentration α")
     dirichlet_alpha_per_expert: Optional[list[float]] = option(
@@ -84,7 +108,7 @@ class MoEConfig:
                                          "picks C = round(capacity_factor·T·top_k/E) tokens")
     top_p: float = option(0.5, min=0.0, max=1.0, min_exclusive=True,
                           help="dynamic_topp: add experts until their cumulative probability >= top_p "
-                               "(top_k caps the count)")
+                               "(top_k caps the count; the paper has no cap: top_k=num_experts)")
     num_null_experts: int = option(0, min=0, help="null_experts: null (zero, no-FLOP) experts N "
                                                   "added to the gate (AdaMoE); needs >= 1")
     null_target: float = option(0.0, min=0.0, max=1.0,

@@ -10,13 +10,15 @@ from typing import Any, Callable
 
 from ..config import ConfigError, check_per_expert
 from ..routing.null_experts import null_usage_loss
+from .aux_scope import GLOBAL_COUNTS
 from .aux_scope import SCOPES as AUX_LOSS_SCOPES
 from .capacity import OVERFLOW as CAPACITY_OVERFLOW
+from .capacity import PRIORITY as CAPACITY_PRIORITY
 from .capacity import Capacity, apply_capacity, slot_capacity, tokens_per_expert_choice
 from .context import BalanceContext
 from .dirichlet import dirichlet_prior
 from .loss_free import update_selection_bias
-from .losses import aux_loss, z_loss
+from .losses import aux_loss, routing_entropy, z_loss
 from .small_expert import small_expert_bias
 
 
@@ -61,8 +63,11 @@ def _check_loss_free(cfg, prefix: str) -> None:
 
 BALANCERS: dict[str, BalanceTerm] = {
     "aux_loss": BalanceTerm("loss", aux_loss, "aux_loss_weight",
-                            ("aux_loss_weight", "aux_loss_scope"), doc=aux_loss),
+                            ("aux_loss_weight", "aux_loss_scope", "aux_loss_global_counts"),
+                            doc=aux_loss),
     "z_loss": BalanceTerm("loss", z_loss, "z_loss_weight", ("z_loss_weight",), doc=z_loss),
+    "routing_entropy": BalanceTerm("loss", routing_entropy, "routing_entropy_weight",
+                                   ("routing_entropy_weight",), doc=routing_entropy),
     "small_expert_bias": BalanceTerm("loss", small_expert_bias, "small_expert_bias_weight",
                                      ("small_expert_bias_weight", "expert_widths")),
     "dirichlet_prior": BalanceTerm("loss", dirichlet_prior, "dirichlet_prior_weight",
@@ -81,6 +86,8 @@ PLAN_TRANSFORMS = {n: t.impl for n, t in BALANCERS.items() if t.kind == "transfo
 from .balancer import Balancer  # noqa: E402  (it reads BALANCERS)
 
 __all__ = ["BALANCERS", "BALANCE_LOSSES", "PLAN_TRANSFORMS", "BalanceTerm", "Balancer",
-           "AUX_LOSS_SCOPES", "CAPACITY_OVERFLOW", "BalanceContext", "aux_loss", "z_loss",
+           "AUX_LOSS_SCOPES", "GLOBAL_COUNTS", "CAPACITY_OVERFLOW",
+           "CAPACITY_PRIORITY", "BalanceContext", "aux_loss",
+           "z_loss", "routing_entropy",
            "small_expert_bias", "dirichlet_prior", "apply_capacity", "slot_capacity",
            "tokens_per_expert_choice", "update_selection_bias", "null_usage_loss"]

@@ -16,15 +16,30 @@ What changes between scopes is the set of tokens f and P are counted over:
   L = α · E · Σ_i f_i^global · P_i.
 
   Exact global f needs every micro-batch's counts before the first micro-batch's loss.
-  We implement the paper's practical variant for gradient accumulation: a per-layer
-  buffer (``Balancer.step_counts_E``) accumulates the counts of the micro-batches already
-  run in this optimizer step, all-reduced over ranks at the Balancer's one reduction
-  point (``Balancer.reduce_across_ranks``), and micro-batch j's loss uses counts(0..j) —
-  the counts so far, including its own. The last micro-batch of a step therefore sees the
-  exact global f; earlier ones see a prefix of it. With one micro-batch and one rank this
-  equals the micro-batch scope exactly. The buffer is reset by ``MoE.begin_step()`` (the
-  training loop calls it before each optimizer step; ``update_balancers()`` also clears
-  it). In evaluation the scope is the micro-batch (no step is accumulating).
+  Under gradient accumulation ``aux_loss_global_counts`` picks how they are had:
+
+  - ``running`` (default): the paper's buffer. Qiu et al. synchronise f across the
+    data-parallel ranks at every micro-batch and, when the global batch is reached by
+    gradient accumulation, keep a buffer that accumulates the counts of the micro-batches
+    of the step (the paper calls the result an approximation of the global batch). Here the
+    buffer is ``Balancer.step_counts_E``, all-reduced over ranks at the Balancer's one
+    reduction point (``Balancer.reduce_across_ranks``); micro-batch j's loss uses
+    counts(0..j) — the counts so far, including its own. Micro-batch 0 therefore sees only
+    its own counts (plain micro-batch balance, over the ranks), the last one the exact
+    global f. We read the paper's summaries, not its code: whether its buffer includes the
+    current micro-batch is our reading.
+  - ``counting_pass``: exact. Before the step's first backward, ``train_step`` runs a
+    forward without gradients over every micro-batch (``MoETransformer.count_step``) that only
+    fills the buffer; every micro-batch's loss then uses the whole step's counts. The router
+    does not change within a step, so these are the counts of the step's own routing, and a
+    step of n equal micro-batches gives the gradient of one batch of n·B sequences. Costs
+    one more forward per step; the random-number stream is restored after the pass, so
+    routing in the pass equals routing in the step when jitter is on.
+
+  With one micro-batch both equal the micro-batch scope over the ranks. The buffer is reset
+  by ``MoE.begin_step()`` (the training loop calls it before each optimizer step;
+  ``update_balancers()`` also clears it). In evaluation the scope is the micro-batch (no step
+  is accumulating).
 """
 
 from __future__ import annotations
@@ -34,6 +49,7 @@ import torch
 from ..routing.plan import RoutingPlan
 
 SCOPES = ("micro_batch", "sequence", "global_batch")
+GLOBAL_COUNTS = ("running", "counting_pass")
 
 
 def aux_loss_micro_batch(plan: RoutingPlan) -> torch.Tensor:

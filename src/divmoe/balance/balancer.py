@@ -11,7 +11,9 @@ It holds
 - the per-expert inputs of its losses: Dirichlet concentrations, expert sizes.
 
 What a training loop needs, in order: :meth:`begin_step` before an optimizer step's first
-micro-batch; the layer's forward calls :meth:`observe` (training only) and then
+micro-batch; with ``aux_loss_global_counts=counting_pass`` (``counts_step_first``), a
+counting pass — ``counting = True``, a forward over every micro-batch without gradients,
+:meth:`end_counting`; the layer's forward calls :meth:`observe` (training only) and then
 :meth:`losses`; :meth:`update` after the optimizer step. Every cross-rank reduction the
 balancers need goes through :meth:`reduce_across_ranks`, so data and expert parallelism
 plug in at that one place.
@@ -27,6 +29,7 @@ from torch import nn
 
 from . import BALANCERS
 from .context import BalanceContext
+from .dirichlet import cf_steps
 from .loss_free import update_selection_bias
 
 
@@ -41,10 +44,18 @@ class Balancer(nn.Module):
         self.uses_bias = "loss_free_bias" in terms
         self.bias_update_rate = cfg.bias_update_rate
         self.aux_loss_scope = cfg.aux_loss_scope
+        self.global_scope = "aux_loss" in self.loss_terms and cfg.aux_loss_scope == "global_batch"
+        # aux_loss_global_counts=counting_pass (aux_scope.py): a forward without gradients over
+        # the step's micro-batches fills step_counts_E first (``counting``); after it the
+        # counts are complete and the step's real forwards leave them alone.
+        self.counts_step_first = self.global_scope and cfg.aux_loss_global_counts == "counting_pass"
+        self.counting = False
+        self.counts_complete = False
         self.process_group = None  # ranks whose tokens count as one batch (None: the default group)
         alpha = cfg.dirichlet_alpha_per_expert or [cfg.dirichlet_alpha] * E
         self.register_buffer("dirichlet_alpha_E", torch.tensor(alpha, dtype=torch.float64),
                              persistent=False)
+        self.dirichlet_cf_steps = cf_steps(alpha)
         self.register_buffer("expert_sizes_E", torch.tensor(expert_sizes, dtype=torch.float64),
                              persistent=False)
         # Selection-only bias (loss-free balancing; DeepSeek-V3's e_score_correction_bias).
@@ -70,9 +81,13 @@ class Balancer(nn.Module):
         """Record a training forward's routing: the router's choice (before any plan transform)
         feeds the loss-free bias and the step's global-batch counts."""
         counts_E = plan.tokens_per_expert()
+        if self.counting:  # the counting pass: the step's counts, nothing else
+            if self.global_scope:
+                self.step_counts_E += self.reduce_across_ranks(counts_E.to(torch.float64))
+            return
         if self.uses_bias:
             self.load_since_update_E += counts_E.to(self.load_since_update_E.dtype)
-        if "aux_loss" in self.loss_terms and self.aux_loss_scope == "global_batch":
+        if self.global_scope and not self.counts_complete:
             self.step_counts_E += self.reduce_across_ranks(counts_E.to(torch.float64))
 
     def context(self, plan, input_shape: tuple[int, ...]) -> BalanceContext:
@@ -80,6 +95,7 @@ class Balancer(nn.Module):
         is the layer input's, [..., S, d] when the tokens form sequences of S."""
         ctx = BalanceContext(aux_loss_scope=self.aux_loss_scope,
                              dirichlet_alpha_E=self.dirichlet_alpha_E,
+                             dirichlet_cf_steps=self.dirichlet_cf_steps,
                              expert_sizes_E=self.expert_sizes_E)
         if self.aux_loss_scope == "sequence" and "aux_loss" in self.loss_terms:
             if len(input_shape) < 3:
@@ -89,7 +105,8 @@ class Balancer(nn.Module):
             seq_len = input_shape[-2]
             ctx.seq_shape = (plan.num_tokens // seq_len if seq_len else 0, seq_len)
         if self.aux_loss_scope == "global_batch" and self.training:
-            ctx.step_counts_E = self.step_counts_E  # includes this micro-batch (observe ran)
+            # Includes this micro-batch (observe ran), and the whole step after a counting pass.
+            ctx.step_counts_E = self.step_counts_E
         elif self.aux_loss_scope == "global_batch":
             ctx.aux_loss_scope = "micro_batch"
         return ctx
@@ -113,6 +130,12 @@ class Balancer(nn.Module):
     def begin_step(self) -> None:
         """Start an optimizer step: clear the global-batch counts."""
         self.step_counts_E.zero_()
+        self.counts_complete = False
+
+    def end_counting(self) -> None:
+        """End the counting pass: the step's counts are complete."""
+        self.counting = False
+        self.counts_complete = True
 
     @torch.no_grad()
     def update(self) -> None:
@@ -126,3 +149,4 @@ class Balancer(nn.Module):
                                   self.bias_update_rate)
         self.load_since_update_E.zero_()
         self.step_counts_E.zero_()
+        self.counts_complete = False

@@ -17,6 +17,8 @@ class BalanceContext:
       all data-parallel ranks), *including* the current micro-batch; global_batch scope.
     - ``expert_sizes_E``: parameter count of each routed expert (small_expert_bias).
     - ``dirichlet_alpha_E``: Dirichlet concentration per expert (dirichlet_prior).
+    - ``dirichlet_cf_steps``: continued-fraction steps of its Beta CDF, fixed from the config
+      so the forward reads nothing back from the device (None: derived from α).
     """
 
     aux_loss_scope: str = "micro_batch"
@@ -24,3 +26,4 @@ class BalanceContext:
     step_counts_E: torch.Tensor | None = None
     expert_sizes_E: torch.Tensor | None = None
     dirichlet_alpha_E: torch.Tensor | None = None
+    dirichlet_cf_steps: int | None = None

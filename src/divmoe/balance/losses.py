@@ -36,3 +36,15 @@ def z_loss(plan: RoutingPlan, ctx: BalanceContext | None = None) -> torch.Tensor
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)²."""
     return torch.logsumexp(plan.logits_TE.float(), dim=-1).square().mean()
 
+
+
+def routing_entropy(plan: RoutingPlan, ctx: BalanceContext | None = None) -> torch.Tensor:
+    """The dynamic loss of dynamic top-p routing (Huang et al. 2024, "Harder Tasks Need More
+    Experts", arXiv 2403.07652): mean over tokens of the entropy of the router's distribution,
+    L = −(1/T) Σ_t Σ_e p_te log p_te. Minimising it sharpens each token's distribution, so
+    the top-p rule keeps fewer experts: without it a router can spread its mass and activate
+    many experts for every token (the paper adds it for that reason, beside the
+    load-balancing loss; the default weight 1e-4 is our recollection of its setting, not
+    checked against its text). 0 for one-hot routing, log E for uniform routing."""
+    p_TE = plan.probs_TE.float()
+    return -(p_TE * p_TE.clamp_min(1e-20).log()).sum(dim=-1).mean()

@@ -170,7 +170,9 @@ def variant_summary(run: Path) -> dict:
     return {
         "name": run.name, "step": last["step"], "val_bpb": last["val_bpb"],
         "val_bpb_by_domain": last.get("val_bpb_by_domain", {}), "max_vio": last.get("max_vio"),
+        "train_max_vio": last.get("train_max_vio"), "max_vio_pooled": last.get("max_vio_pooled"),
         "mi_bits": specialization_mi(routing), "expert_vendi": last.get("expert_vendi"),
+        "mi_given_token_bits": last.get("mi_given_token_bits"),
         "activated_params": last.get("activated_params_mean"),
         "tokens_per_s": sum(tps) / len(tps) if tps else None,
         "wall_time_s": summary.get("wall_time_s"), "rows": rows,

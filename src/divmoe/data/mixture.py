@@ -12,7 +12,9 @@ import torch
 
 from .corpus import Document
 
-__all__ = ["DOC_SEPARATOR", "mixture_weights", "MixtureSampler", "validation_set", "unigram_entropy_bits"]
+BATCH_DOMAINS = ("mixed", "single")
+
+__all__ = ["BATCH_DOMAINS", "DOC_SEPARATOR", "mixture_weights", "MixtureSampler", "validation_set", "unigram_entropy_bits"]
 
 #: inserted between consecutive documents of a domain's byte stream
 DOC_SEPARATOR = "\n\n"
@@ -90,6 +92,11 @@ class MixtureSampler:
     ``(seed, step)`` picks, for every row, a domain by the mixture weights and
     then a uniformly random window start in that domain's stream.  A resumed
     run therefore sees exactly the same batches as an uninterrupted one.
+
+    ``batch_domains="single"``: the batch draws one domain by the mixture weights and all its
+    rows come from it (domain-homogeneous micro-batches: the setting where global-batch
+    balancing differs from micro-batch balancing, Qiu et al. 2025); the mixture then holds
+    over batches instead of rows.
     """
 
     def __init__(
@@ -99,9 +106,14 @@ class MixtureSampler:
         seed: int,
         weights: Mapping[str, float] | None = None,
         temperature: float = 1.0,
+        batch_domains: str = "mixed",
     ):
         if int(seq_len) != seq_len or seq_len < 1:
             raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+        if batch_domains not in BATCH_DOMAINS:
+            raise ValueError(f"batch_domains={batch_domains!r}: expected one of "
+                             f"{', '.join(BATCH_DOMAINS)}")
+        self.batch_domains = batch_domains
         self.seq_len = int(seq_len)
         self.seed = int(seed)
         streams = _domain_streams(docs)
@@ -160,7 +172,11 @@ class MixtureSampler:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
         g = torch.Generator(device="cpu")
         g.manual_seed(_step_seed(self.seed, step))
-        domain_ids = torch.multinomial(self.probs, int(batch_size), replacement=True, generator=g)
+        if self.batch_domains == "single":
+            domain_ids = torch.multinomial(self.probs, 1, generator=g).expand(int(batch_size))
+        else:
+            domain_ids = torch.multinomial(self.probs, int(batch_size), replacement=True,
+                                           generator=g)
         u = torch.rand(int(batch_size), generator=g, dtype=torch.float64)
         n = self._n_starts[domain_ids]
         starts = torch.minimum((u * n).long(), n - 1)

@@ -30,11 +30,16 @@ experts of each segment, ``Σ_w Σ_{top-k' e} c_{w,e} / Σ_w A_w`` (1 when every
 at most k' distinct experts).
 
 **SCH(m, c)** — Segment Cache Best Hit Rate. A cache of c experts that may look m tokens
-ahead: before token t it holds the c experts with the most activations in the segment
-``[t, t + m)`` (truncated at the sequence end), ties broken by the most recent use before t
-and then by the lower expert id (the ranking of the released code). SCH is the fraction of
-routed slots whose expert is in the cache. Caches of different sizes are nested, so SCH is
-non-decreasing in c, and SCH = 1 for c = E. The paper's finding: most models get most of the
+ahead, following the released ``41_sch_calc.py`` step by step: before token t the experts
+already used in the sequence are ranked by their activations in the segment ``[t, t + m)``
+(truncated at the sequence end), ties broken by the most recent use (the later slot of the
+later token ranks higher), and the cache holds the first c of them. An expert's first use in
+the sequence is ranked after every expert used before it, in slot order (the j-th expert
+seen so far sits at place j): a first use is a miss for every cache no larger than the
+number of experts already seen — the cache cannot prefetch an expert it has never seen, even
+if the look-ahead shows it coming. SCH is the fraction of routed slots whose expert is in the
+cache. Caches of different sizes are nested, so SCH is non-decreasing in c, and SCH = 1 for
+c = E. The paper's finding: most models get most of the
 achievable hit rate at c ≈ 2k ("cache sizes approximately 2x the active experts").
 """
 
@@ -125,15 +130,24 @@ def segment_cache_hit_rate(expert_ids: torch.Tensor, num_experts: int,
     cum = torch.cat([torch.zeros_like(used[:, :1]), used.cumsum(1)], 1)    # [N, S + 1, E]
     t = torch.arange(S)
     ahead = cum[:, (t + m).clamp(max=S)] - cum[:, t]                       # counts in [t, t+m)
-    pos = torch.where(used > 0, t[None, :, None], torch.full_like(used, -1))
-    last = pos.cummax(1).values                                            # last use <= t
+    ok = (ids >= 0) & (ids < E)
+    # Recency: the latest slot t·K + k that used the expert before token t (−1: never).
+    slot_NSK = torch.where(ok, (t[:, None] * K + torch.arange(K))[None].expand(N, S, K), -1)
+    last_NSE = torch.full((N, S, E + 1), -1, dtype=torch.int64)
+    last_NSE.scatter_reduce_(2, torch.where(ok, ids, E), slot_NSK, reduce="amax")
+    last = last_NSE[..., :E].cummax(1).values                              # last use <= t
     last_before = torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], 1)
-    key = ahead * (S + 1) + (last_before + 1)                              # bigger = kept first
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices  # ties: lower id first
+    seen = last_before >= 0
+    key = torch.where(seen, ahead * (S * K + 1) + last_before + 1, -1)     # bigger = kept first
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(E).expand_as(order).contiguous())
-    ok = (ids >= 0) & (ids < E)
-    slot_rank = rank.gather(-1, torch.where(ok, ids, 0))[ok]               # rank of each slot
+    safe = torch.where(ok, ids, 0)
+    first_NSK = ok & ~seen.gather(-1, safe)                                # first uses
+    # A first use sits after the experts seen before it (earlier first uses of this token too).
+    first_rank = (seen.sum(-1, keepdim=True) + first_NSK.cumsum(-1) - first_NSK.long()
+                  ).clamp(max=E - 1)  # an expert twice in one token: the last place
+    slot_rank = torch.where(first_NSK, first_rank, rank.gather(-1, safe))[ok]
     total = slot_rank.numel()
     if total == 0:
         return torch.full((E,), float("nan"), dtype=torch.float64)

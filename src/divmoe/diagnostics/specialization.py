@@ -13,6 +13,12 @@ pair (expert, domain of its token); empty slots, id −1, are not observations):
   marginal; 0 when there is one domain).
 * per-domain JS divergence ``JS(p(e | d) ‖ p(e))`` between a domain's expert distribution
   and the domain-agnostic one (ALGORITHMS.md §5), in bits, so in [0, 1].
+* MI given the token, ``I(expert; domain | token) = Σ_v p(v) I(expert; domain | token = v)``
+  from ``counts_VED[v, e, d]`` (slots of token id v). The plain MI credits a router with
+  "specialisation" that only reflects which tokens each domain uses: a hash router, whose
+  expert is a function of the token id, has plain MI > 0 on bytes but exactly 0 here. This
+  one counts only what routing says about the domain beyond the token itself (the plug-in
+  estimate, biased upwards for rare tokens like the plain one).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 from ..diversity import js_divergence
 
 __all__ = ["expert_domain_counts", "mutual_information_bits", "normalized_mutual_information",
-           "domain_js_bits", "specialization_summary"]
+           "conditional_mutual_information_bits", "domain_js_bits", "specialization_summary"]
 
 LN2 = math.log(2.0)
 
@@ -76,6 +82,22 @@ def mutual_information_bits(counts_ED) -> float:
         return 0.0
     pe, pd = p.sum(1, keepdim=True), p.sum(0, keepdim=True)
     mi = (torch.xlogy(p, p) - torch.xlogy(p, pe * pd)).sum() / LN2
+    return max(0.0, float(mi))
+
+
+def conditional_mutual_information_bits(counts_VED) -> float:
+    """I(expert; domain | token) in bits from a [V, E, D] count tensor (module docstring)."""
+    c = torch.as_tensor(counts_VED, dtype=torch.float64)
+    if c.dim() != 3:
+        raise ValueError(f"counts_VED must be [V, E, D], got shape {tuple(c.shape)}")
+    if (c < 0).any():
+        raise ValueError("counts_VED must be non-negative")
+    total = float(c.sum())
+    if total == 0:
+        return 0.0
+    p = c / total
+    pv, pve, pvd = p.sum((1, 2), keepdim=True), p.sum(2, keepdim=True), p.sum(1, keepdim=True)
+    mi = (torch.xlogy(p, p * pv) - torch.xlogy(p, pve * pvd)).sum() / LN2
     return max(0.0, float(mi))
 
 

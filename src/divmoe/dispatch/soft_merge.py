@@ -37,6 +37,23 @@ def soft_merge_forward(x_TD: torch.Tensor, probs_GE: torch.Tensor, experts,
     return y_GSD.reshape(x_TD.shape).to(x_TD.dtype)
 
 
+def soft_merge_per_token(x_TD: torch.Tensor, probs_TE: torch.Tensor, experts) -> torch.Tensor:
+    """Fast path for groups of one token (the causal rule's plan): the merged expert is linear
+    in the weights, so x_t · Σ_e p_te W_in(e) = Σ_e p_te (x_t W_in(e)) and likewise for W_out;
+    every expert's projections are mixed per token instead of materialising T merged weight
+    sets. Memory: T · E · 2H pre-activations and T · E · d outputs."""
+    if x_TD.shape[0] == 0:
+        return torch.zeros_like(x_TD)
+    p_TE = probs_TE.to(experts.w_in_EDH2.dtype)
+    pre_TEH2 = torch.einsum("td,edh->teh", x_TD.to(p_TE.dtype), experts.w_in_EDH2)
+    pre_TH2 = torch.einsum("te,teh->th", p_TE, pre_TEH2)
+    gate, up = pre_TH2.chunk(2, dim=-1)
+    act_TH = F.silu(gate) * up
+    out_TED = torch.einsum("th,ehd->ted", act_TH, experts.w_out_EHD)
+    y_TD = torch.einsum("te,ted->td", p_TE, out_TED)
+    return y_TD.to(x_TD.dtype)
+
+
 def soft_merge_reference(x_TD: torch.Tensor, probs_GE: torch.Tensor, experts,
                          groups: tuple[int, int]) -> torch.Tensor:
     """The obviously-correct form: for each group, sum p_ge · W_e over experts in a loop and
@@ -59,7 +76,10 @@ def soft_merge_reference(x_TD: torch.Tensor, probs_GE: torch.Tensor, experts,
 
 
 def soft_merge(x_TD: torch.Tensor, plan: RoutingPlan, experts) -> torch.Tensor:
-    """The execution strategy: the plan's groups through their merged experts (fast path)."""
+    """The execution strategy: the plan's groups through their merged experts (fast path;
+    groups of one token mix the experts' projections instead of merging weights)."""
+    if plan.groups[1] == 1:
+        return soft_merge_per_token(x_TD, plan.probs_TE, experts)
     return soft_merge_forward(x_TD, group_probs(plan, plan.groups), experts, plan.groups)
 
 

@@ -4,8 +4,10 @@ A token touches the router, the shared experts, and each *distinct* real expert 
 routed to. Empty slots (expert id −1: null experts, dropped slots, routers that chose fewer
 than K) touch nothing and count zero — null experts "do nothing and cost nothing". A token
 routed twice to the same expert touches that expert's parameters once. Layouts with a base
-shared by all experts (LoRA experts over a frozen MLP) pass ``base_params``: counted for each
-token that reached at least one real expert.
+shared by all experts (LoRA experts over a frozen MLP) pass ``base_params``: counted once per
+distinct real expert of the token, because each LoRA expert runs the frozen base inside its
+own nonlinearity (silu(x W + x A B)), so k experts compute it k times — counting it once
+would make LoRA experts look k times cheaper per base than they run.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def activated_params_per_token(ids_TK: torch.Tensor, sizes_E: torch.Tensor, fixe
     per_slot = torch.where(real, sizes_E[ids_sorted.clamp(min=0)], torch.zeros_like(ids_sorted))
     per_token_T = per_slot.sum(-1) + int(fixed_params)
     if base_params:
-        per_token_T = per_token_T + int(base_params) * (ids_TK >= 0).any(-1).to(torch.int64)
+        per_token_T = per_token_T + int(base_params) * real.sum(-1).to(torch.int64)
     return per_token_T
 
 

@@ -80,11 +80,12 @@ class LoRASwiGLU(nn.Module):
         return out
 
     def base_params(self) -> int:
-        """Parameters of the frozen base, touched by every token routed to any expert."""
+        """Parameters of the frozen base, run again inside every expert a token is routed to
+        (activated-parameter accounting counts them per expert)."""
         return 3 * self.d_model * self.hidden
 
     def expert_sizes(self) -> list[int]:
-        """Adapter parameters of each expert (the base is counted once, see base_params)."""
+        """Adapter parameters of each expert (without the base, see base_params)."""
         r, d, h = self.rank, self.d_model, self.hidden
         return [r * (d + 2 * h) + r * (h + d)] * self.num_experts
 

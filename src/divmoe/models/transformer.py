@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +168,27 @@ class MoETransformer(nn.Module):
         for b in self.blocks:
             if b.is_moe:
                 b.mlp.begin_step()
+
+    def count_step(self, inputs_BS: Sequence[torch.Tensor]) -> None:
+        """The counting pass of ``moe.aux_loss_global_counts=counting_pass`` (after
+        :meth:`begin_step`, before the step's first backward): route every micro-batch of the
+        step without gradients so that each MoE layer's global-batch counts hold the whole
+        step (:mod:`divmoe.balance.aux_scope`). A no-op when no layer asks for it. The
+        random-number state is restored afterwards, so the step's own forwards draw the same
+        numbers (jitter) as the pass did."""
+        layers = [b.mlp for b in self.blocks if b.is_moe]
+        if not any(m.balancer.counts_step_first for m in layers):
+            return
+        cuda = [torch.cuda.current_device()] if inputs_BS[0].is_cuda else []
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            for m in layers:
+                m.balancer.counting = True
+            try:
+                for tokens_BS in inputs_BS:
+                    self(tokens_BS)
+            finally:
+                for m in layers:
+                    m.balancer.end_counting()
 
     def update_balancers(self) -> None:
         """Advance every MoE layer's balancing controllers; call after each optimizer step."""

@@ -14,7 +14,7 @@ from .hash import HashRouter
 from .hypersphere import HypersphereRouter
 from .null_experts import NullExpertRouter, null_usage_loss
 from .plan import RoutingPlan, count_per_expert
-from .router import Router
+from .router import Router, causal_routing
 from .sinkhorn import SinkhornRouter
 from .soft_merge import SoftMergeRouter
 from .topk import TopKRouter
@@ -32,6 +32,6 @@ ROUTERS = {
     "soft_merge": SoftMergeRouter,
 }
 
-__all__ = ["RoutingPlan", "Router", "count_per_expert", "ROUTERS", "TopKRouter", "ExpertChoiceRouter", "DynamicTopPRouter",
+__all__ = ["RoutingPlan", "Router", "causal_routing", "count_per_expert", "ROUTERS", "TopKRouter", "ExpertChoiceRouter", "DynamicTopPRouter",
            "NullExpertRouter", "GroupedRouter", "SinkhornRouter", "HashRouter",
            "HypersphereRouter", "DSelectKRouter", "SoftMergeRouter", "null_usage_loss"]

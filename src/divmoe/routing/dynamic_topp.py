@@ -3,12 +3,15 @@ Routing in MoE Models").
 
 Definition implemented: P_TE = softmax(x_TD W_DE); per token sort P descending and keep
 the smallest prefix whose cumulative probability reaches ``top_p`` (expert j is kept iff
-the mass of the experts ranked before it is < p), capped at k_max = ``top_k`` experts.
-Every token keeps at least one expert. Combine weights are the kept probabilities,
-renormalised to sum to 1 when ``renormalize`` (the paper uses the raw probabilities:
-set ``renormalize: false``). The plan has K = top_k slots, unused ones −1.
+the mass of the experts ranked before it is < p), capped at k_max = ``top_k`` experts (the
+paper has no cap: set ``top_k`` = ``num_experts``; a cap at the baseline's k can only use
+fewer experts than it). Every token keeps at least one expert. Combine weights are the kept
+probabilities, renormalised to sum to 1 when ``renormalize`` (the paper uses the raw
+probabilities: set ``renormalize: false``). The plan has K = top_k slots, unused ones −1.
 
-Not implemented: the paper's dynamic (entropy) loss that sharpens P.
+The paper's dynamic loss, the mean entropy of P, which keeps the rule from spreading mass
+over many experts, is the balance term ``routing_entropy`` (``moe.balance: [aux_loss,
+routing_entropy]``, weight ``routing_entropy_weight``).
 A selection bias would break the cumulative-probability rule, so only a zero bias is accepted.
 """
 

@@ -13,6 +13,11 @@ that selection looks at all T tokens of the batch at once, so in a causal LM a t
 routing depends on other (including later) tokens. ``selection_bias_E`` cannot change a
 per-expert ranking of tokens, so only an all-zero bias is accepted.
 
+Causal rule (:func:`~divmoe.routing.router.causal_routing`, for evaluation): each token
+takes its own top-k' experts by S, k' = clamp(round(capacity_factor · top_k), 1, E) — the
+mean number of experts per token of the batch rule — with weights S (no renormalisation),
+times ``routed_scaling``. The paper routes by batch only; this is our causal reading of it.
+
 Under expert parallelism each rank routes its own tokens: every expert takes its top-C of
 the rank's T tokens (C from the rank's T), so an expert's load is C per rank, not C of the
 whole batch (``divmoe.parallel.TOKEN_SETS``).
@@ -30,6 +35,7 @@ from .router import Router
 
 class ExpertChoiceRouter(Router):
     settings = ("top_k", "capacity_factor", "routed_scaling", "jitter")
+    batch_dependent = True
 
     def __init__(self, d_model: int, cfg):
         super().__init__()
@@ -45,6 +51,12 @@ class ExpertChoiceRouter(Router):
         T, E = x_TD.shape[0], self.num_experts
         logits_TE = self.gate(jittered(x_TD, self.jitter, self.training))
         scores_TE = logits_TE.float().softmax(dim=-1)
+        if self.route_causally:
+            k = min(E, max(1, round(self.capacity_factor * self.top_k)))
+            expert_ids_TK = scores_TE.detach().topk(k, dim=-1).indices
+            weights_TK = finish_weights(scores_TE.gather(1, expert_ids_TK), None, False,
+                                        self.routed_scaling, x_TD.dtype)
+            return RoutingPlan(expert_ids_TK, weights_TK, scores_TE, logits_TE)
         C = tokens_per_expert_choice(T, E, self.top_k, self.capacity_factor)
 
         # Each expert picks its top-C tokens: token_CE[c, e] is the c-th token of expert e.

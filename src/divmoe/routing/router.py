@@ -14,6 +14,8 @@ reads in ``settings`` (``divmoe list`` prints them) and checks its cross-field r
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from torch import nn
 
 from ..config import ConfigError
@@ -26,6 +28,11 @@ class Router(nn.Module):
     # How the layer runs the plan: "dispatch" (token slots → experts) or "soft_merge"
     # (one merged expert per group of tokens); see divmoe.dispatch.EXECUTIONS.
     execution: str = "dispatch"
+    # Whether selection looks at the other tokens of the batch (expert choice, Sinkhorn, soft
+    # merging): then a token's routing, and a causal LM's loss, depends on later tokens. Such a
+    # router also has a causal rule, used while ``route_causally`` is set (:func:`causal_routing`).
+    batch_dependent: bool = False
+    route_causally: bool = False
 
     @classmethod
     def check(cls, cfg, prefix: str = "") -> None:
@@ -62,3 +69,19 @@ def check_groups_divide_experts(cfg, prefix: str) -> None:
     if cfg.num_experts % cfg.n_groups:
         raise ConfigError(f"{prefix}n_groups={cfg.n_groups} is not allowed: must divide "
                           f"{prefix}num_experts={cfg.num_experts}")
+
+
+@contextmanager
+def causal_routing(model: nn.Module):
+    """Inside, every batch-dependent router of ``model`` routes each token from that token
+    and the tokens before it in its sequence (each router's docstring gives its causal rule),
+    so a causal LM's loss is a true next-token loss; routers that route per token are
+    unchanged. Used for evaluation (``val_bpb_causal``)."""
+    routers = [m for m in model.modules() if isinstance(m, Router) and m.batch_dependent]
+    for r in routers:
+        r.route_causally = True
+    try:
+        yield
+    finally:
+        for r in routers:
+            r.route_causally = False

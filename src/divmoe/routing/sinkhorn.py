@@ -14,6 +14,10 @@ The balancing uses every token of the batch, so in a causal LM a token's routing
 on the other tokens (BASE balances at training time; this router balances always). A
 selection bias would fight the balancing, so only a zero bias is accepted.
 
+Causal rule (:func:`~divmoe.routing.router.causal_routing`, for evaluation): each token
+takes the top-k of its own logits, weighted as above — BASE layers' test-time rule (greedy
+assignment to the best expert, no balancing).
+
 Under expert parallelism each rank balances its own tokens (column sums T_rank / E), not the
 whole batch (``divmoe.parallel.TOKEN_SETS``).
 """
@@ -48,6 +52,7 @@ def sinkhorn_log(logits_TE: torch.Tensor, iters: int, tol: float) -> tuple[torch
 class SinkhornRouter(Router):
     settings = ("top_k", "sinkhorn_iters", "sinkhorn_tol", "renormalize", "routed_scaling",
                 "jitter")
+    batch_dependent = True
 
     def __init__(self, d_model: int, cfg):
         super().__init__()
@@ -65,6 +70,8 @@ class SinkhornRouter(Router):
         probs_TE = logits_TE.float().softmax(dim=-1)
         if x_TD.shape[0] == 0:
             expert_ids_TK = torch.zeros(0, self.top_k, dtype=torch.long, device=x_TD.device)
+        elif self.route_causally:
+            expert_ids_TK = logits_TE.detach().topk(self.top_k, dim=-1).indices
         else:
             log_pi_TE, _ = sinkhorn_log(logits_TE.detach(), self.iters, self.tol)
             expert_ids_TK = log_pi_TE.topk(self.top_k, dim=-1).indices

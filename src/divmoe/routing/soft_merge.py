@@ -21,6 +21,13 @@ the output at position t) depend on tokens after t. This is the paper's per-exam
 (T5 / ViT, not causal LMs); it is a small leak (E numbers per sequence and layer), but
 validation losses of a causal LM with ``router=soft_merge`` are not strictly comparable.
 
+Causal rule (:func:`~divmoe.routing.router.causal_routing`, for evaluation): per-prefix
+routing. Token t of a sequence is routed from the mean of the sequence's tokens up to and
+including t, r_t = mean_{s≤t} x_s, and runs through its own merged expert with
+p_t = softmax(r_t W_DE); the last token's p equals the sequence's batch-rule p. The plan then
+has one group per token (groups (T, 1)). This is our causal reading of SMEAR's per-example
+routing, not the paper's.
+
 The plan, for balancing losses and the stats: ``probs_TE`` / ``logits_TE`` are the group's
 p / logits repeated for each of its tokens; ``expert_ids_TK`` ([T, 1]) is the group's
 dominant expert argmax_e p_ge, ``weights_TK`` its probability (what discrete consumers such
@@ -54,6 +61,7 @@ class SoftMergeRouter(Router):
 
     settings = ("jitter",)
     execution = "soft_merge"
+    batch_dependent = True
 
     @classmethod
     def check_settings(cls, cfg, prefix: str = "") -> None:
@@ -92,7 +100,13 @@ class SoftMergeRouter(Router):
             return RoutingPlan(torch.zeros(0, 1, dtype=torch.int64, device=x_TD.device),
                                x_TD.new_zeros(0, 1), logits_TE.float().softmax(-1), logits_TE,
                                groups=(G, S))
-        pooled_GD = jittered(x_TD, self.jitter, self.training).view(G, S, D).mean(dim=1)
+        x_GSD = jittered(x_TD, self.jitter, self.training).view(G, S, D)
+        if self.route_causally:  # every token its own group, routed from its prefix's mean
+            count_S1 = torch.arange(1, S + 1, device=x_TD.device, dtype=x_GSD.dtype)[:, None]
+            pooled_GD = (x_GSD.cumsum(dim=1) / count_S1).reshape(T, D)
+            G, S = T, 1
+        else:
+            pooled_GD = x_GSD.mean(dim=1)
         logits_GE = self.gate(pooled_GD)
         # At least float32 (bf16 logits are up-cast); float64 stays float64 so the merged
         # weights and their gradients lose nothing in double-precision checks.

@@ -9,6 +9,7 @@ from typing import Optional
 import yaml
 
 from ..config import ConfigError, apply_overrides, from_dict, option, validate
+from ..data.mixture import BATCH_DOMAINS
 from ..layer import MoEConfig
 from ..models import ModelConfig
 
@@ -18,6 +19,10 @@ class DataConfig:
     weights: Optional[dict[str, float]] = option(None, help="domain → mixture weight (null = by size)")
     temperature: float = option(1.0, min=0.0, min_exclusive=True,
                                 help="mixture temperature over domain sizes (>1 flattens)")
+    batch_domains: str = option("mixed", choices=BATCH_DOMAINS,
+                                help="mixed = every sequence draws its domain; single = every "
+                                     "micro-batch draws one domain for all its sequences "
+                                     "(domain-homogeneous micro-batches)")
     val_bytes_per_domain: int = option(32768, min=1, help="validation bytes per domain per eval")
     corpus: Optional[str] = option(None, help="the user's corpus: a folder of per-domain subfolders, "
                                               "a .yaml of domain: glob, or a .jsonl of text+domain "

@@ -30,6 +30,7 @@ from ..data.dynamic_mix import DynamicMixer
 from ..data.mixture import MixtureSampler, unigram_entropy_bits, validation_set
 from ..data.user_corpus import load_splits
 from ..diagnostics import expert_output_vendi
+from ..diagnostics.specialization import conditional_mutual_information_bits
 from ..experts import every_expert
 from ..files import atomic_write_text, check_output_folder
 from ..models import MoETransformer
@@ -40,11 +41,12 @@ from ..parallel.all_to_all import metered
 from ..parallel.placement import load_placement
 from ..parallel.ranks import check_run_parallel, init_ranks, launched_distributed
 from ..balance.loss_free import max_vio
+from ..routing import Router, causal_routing
 from ..routing.plan import count_per_expert
 from .checkpoint import checkpoint_candidates, load_latest, save_checkpoint
 from .config import ParallelConfig, RunConfig, load_config
 from .run_folder import RunError, locked_run
-from .step import train_step
+from .step import batch_max_vio, train_step
 from .tensorboard import ScalarLog, tensorboard_available
 
 LN2 = math.log(2.0)
@@ -118,11 +120,54 @@ def expert_vendi_by_layer(model: MoETransformer, probe_BS: torch.Tensor, ranks=N
     return scores
 
 
+def _token_expert_counts(tokens_BS: torch.Tensor, expert_ids_TK: torch.Tensor, V: int,
+                         E: int) -> torch.Tensor:
+    """Routed slots per (input token id, expert), flattened to [V · E] int64."""
+    tok_TK = tokens_BS.reshape(-1, 1).expand_as(expert_ids_TK)
+    ok = expert_ids_TK >= 0
+    return torch.bincount(tok_TK[ok] * E + expert_ids_TK[ok], minlength=V * E)
+
+
+@torch.no_grad()
+def _causal_bpb(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: int, ranks,
+                batch_row: dict) -> dict:
+    """``val_bpb_causal`` (and per domain): validation bpb with every token routed from
+    itself and its prefix (:func:`~divmoe.routing.causal_routing`). Batch-dependent routers
+    (expert choice, Sinkhorn, soft merging) need this second pass; for every other model it
+    is the batch evaluation's number (routing is per token)."""
+    if not any(isinstance(m, Router) and m.batch_dependent for m in model.modules()):
+        return {"val_bpb_causal": batch_row["val_bpb"],
+                "val_bpb_causal_by_domain": dict(batch_row["val_bpb_by_domain"])}
+    model.eval()
+    domains = sorted(val)
+    sums = torch.zeros(len(domains), 2, dtype=torch.float64)  # (loss · tokens, tokens)
+    with causal_routing(model):
+        for di, d in enumerate(domains):
+            for chunk in val[d].split(batch_size):
+                if ranks is not None:
+                    chunk = chunk.tensor_split(ranks.world)[ranks.rank]
+                out = model(chunk[:, :-1], chunk[:, 1:])  # every rank runs (expert all-to-all)
+                if chunk.shape[0]:  # a rank may hold none of a short batch (its mean is NaN)
+                    sums[di] += torch.tensor([float(out.loss) * chunk[:, 1:].numel(),
+                                              chunk[:, 1:].numel()], dtype=torch.float64)
+    model.train()
+    if ranks is not None:
+        sums = ranks.sum(sums)
+    return {"val_bpb_causal": float(sums[:, 0].sum() / sums[:, 1].sum()) / LN2,
+            "val_bpb_causal_by_domain": {d: float(sums[i, 0] / sums[i, 1]) / LN2
+                                         for i, d in enumerate(domains)}}
+
+
 @torch.no_grad()
 def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: int,
              probe_tokens_per_domain: int = 256, ranks=None) -> Evaluation:
-    """Validation loss per domain (bits per byte: the tokenizer is byte-level), MaxVio, loads
-    and the expert-output Vendi score on the fixed probe (``probe_tokens_per_domain``; 0 = off).
+    """Validation loss per domain (bits per byte: the tokenizer is byte-level) with the
+    routers' batch rule and with causal routing (``val_bpb_causal``), MaxVio (mean
+    over the single-domain validation batches, and ``max_vio_pooled`` over the whole set),
+    loads, ``mi_given_token_bits`` (I(expert; domain | token),
+    :func:`~divmoe.diagnostics.specialization.conditional_mutual_information_bits`) and the
+    expert-output Vendi score on the fixed probe (``probe_tokens_per_domain``;
+    0 = off).
 
     With ``ranks`` (a distributed run) every rank scores its share of each validation batch's
     sequences and the sums are reduced, so every rank returns the whole validation set's
@@ -134,6 +179,8 @@ def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: in
     loss_sum = {d: 0.0 for d in domains}
     tokens = {d: 0 for d in domains}
     counts_LED = torch.zeros(L, E, len(domains), dtype=torch.int64)
+    V = model.config.vocab_size
+    counts_LVED = torch.zeros(L, V * E, len(domains), dtype=torch.int64)  # by input token id
     vio_sum, vio_batches = torch.zeros(L, dtype=torch.float64), 0
     act_sum, act_tokens = torch.zeros(L, dtype=torch.float64), torch.zeros(L, dtype=torch.float64)
     for di, d in enumerate(domains):
@@ -147,6 +194,7 @@ def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: in
             load_LE = torch.zeros(L, E, dtype=torch.float64)
             for li, s in enumerate(out.stats):
                 counts_LED[li, :, di] += count_per_expert(s.expert_ids, E)  # chosen experts
+                counts_LVED[li, :, di] += _token_expert_counts(chunk[:, :-1], s.expert_ids, V, E)
                 load_LE[li] = s.tokens_per_expert.double()
                 act_sum[li] += float(s.activated_params_mean) * s.num_tokens
                 act_tokens[li] += s.num_tokens
@@ -162,17 +210,27 @@ def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: in
         loss_sum = {d: float(sums[i, 0]) for i, d in enumerate(domains)}
         tokens = {d: int(sums[i, 1]) for i, d in enumerate(domains)}
         counts_LED = ranks.sum(counts_LED)
+        if L:
+            counts_LVED = ranks.sum(counts_LVED)
         act_sum, act_tokens = ranks.sum(act_sum), ranks.sum(act_tokens)
     bpb = {d: loss_sum[d] / tokens[d] / LN2 for d in domains}
     val_loss = sum(loss_sum.values()) / sum(tokens.values())
     row = {"val_loss": val_loss, "val_bpb": val_loss / LN2, "val_bpb_by_domain": bpb}
+    row.update(_causal_bpb(model, val, batch_size, ranks, row))
     if not L:
         row["max_vio"] = None
         return Evaluation(row)
     vio_L = vio_sum / max(vio_batches, 1)
     load_LE = counts_LED.sum(-1).double()
+    # MaxVio_global of Loss-Free Balancing: the loads of the whole validation set, all domains
+    # pooled (``max_vio`` averages single-domain batches, where specialisation reads as
+    # imbalance)
+    pooled_L = torch.stack([max_vio(load_E) for load_E in load_LE])
     load_LE = load_LE / load_LE.sum(-1, keepdim=True).clamp_min(1)
+    mi_token_L = [conditional_mutual_information_bits(c.view(V, E, -1)) for c in counts_LVED]
     row.update(max_vio=float(vio_L.mean()), max_vio_by_layer=vio_L.tolist(),
+               mi_given_token_bits=sum(mi_token_L) / L, mi_given_token_bits_by_layer=mi_token_L,
+               max_vio_pooled=float(pooled_L.mean()), max_vio_pooled_by_layer=pooled_L.tolist(),
                expert_load=load_LE.tolist(),
                # parameters each token touched, token-weighted per layer, mean over MoE layers
                activated_params_mean=float((act_sum / act_tokens.clamp_min(1)).mean()))
@@ -334,8 +392,8 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
     optimizer = build_optimizer(model, cfg)
     params = model.param_counts()  # of the whole model, before any sharding
     metrics_path = run_dir / "metrics.jsonl"
-    state = {"step": 0, "loss_sum": 0.0, "loss_count": 0, "train_time": 0.0, "tokens_seen": 0,
-             "elapsed": 0.0}
+    state = {"step": 0, "loss_sum": 0.0, "loss_count": 0, "train_max_vio_sum": 0.0,
+             "train_time": 0.0, "tokens_seen": 0, "elapsed": 0.0}
     metrics: list[dict] = []
     if resume:
         metrics = _read_metrics(metrics_path)
@@ -349,7 +407,7 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
             log(f"{run_dir} has no checkpoint yet: starting it from step 0")
             resume, metrics = False, []
         else:
-            state = loaded[1]
+            state = {"train_max_vio_sum": 0.0, **loaded[1]}  # checkpoints before it lack it
             if cfg.train.steps < state["step"]:
                 raise ConfigError(f"--resume: train.steps={cfg.train.steps} but {loaded[0]} is "
                                   f"already at step {state['step']}; train.steps may only stay "
@@ -373,7 +431,8 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
         raise ConfigError(f"data.weights has unknown domain {unknown[0]!r}; "
                           f"allowed domains: {', '.join(names)}")
     sampler = MixtureSampler(train_docs, cfg.model.seq_len, seed=cfg.train.seed,
-                             weights=cfg.data.weights, temperature=cfg.data.temperature)
+                             weights=cfg.data.weights, temperature=cfg.data.temperature,
+                             batch_domains=cfg.data.batch_domains)
     mixer = DynamicMixer(sampler, cfg.data, model) if cfg.data.mixing == "dynamic" else None
     val = validation_set(val_docs, cfg.model.seq_len, cfg.data.val_bytes_per_domain)
 
@@ -431,13 +490,18 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
         row = {"step": state["step"],
                "train_loss": state["loss_sum"] / state["loss_count"] if state["loss_count"] else None,
                **ev.row,
+               # MaxVio_batch of Loss-Free Balancing: each training step's whole batch, mean
+               # over the steps since the last evaluation (and over MoE layers)
+               "train_max_vio": (state["train_max_vio_sum"] / state["loss_count"]
+                                 if state["loss_count"] and model.moe_layers else None),
                "tokens_per_s": state["tokens_seen"] / state["train_time"] if state["train_time"] else None,
                "elapsed_s": state["elapsed"], "lr": lr_at(max(state["step"] - 1, 0), cfg),
                "mix_weights": dict(sampler.weights),
                "all_to_all_bytes_per_token": exchange_bytes_per_token()}
         metrics.append(row)
         on_writer(record, row, ev.routing)
-        state.update(loss_sum=0.0, loss_count=0, train_time=0.0, tokens_seen=0)
+        state.update(loss_sum=0.0, loss_count=0, train_max_vio_sum=0.0, train_time=0.0,
+                     tokens_seen=0)
         checkpoint()
         return row
 
@@ -474,6 +538,8 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
                 raise FloatingPointError(f"{exc} at step {step}; the last checkpoint in "
                                          f"{run_dir} is intact (lower train.lr?)") from None
             ce_mean = float(result.loss)
+            if result.load_LE.numel():
+                state["train_max_vio_sum"] += float(batch_max_vio(result.load_LE))
             state["step"] += 1
             state["loss_sum"] += ce_mean
             state["loss_count"] += 1
