@@ -200,6 +200,17 @@ def test_cli_evaluate_writes_its_numbers(run_dir, tmp_path, capsys):
     assert row["bpb"] is None and row["method"].startswith("SCMoE") and row["tokens"] > 0
 
 
+def test_cli_evaluate_scores_the_training_split_on_request(run_dir, capsys):
+    assert main(["evaluate", str(run_dir), "--split", "train", "--max-bytes", "100",
+                 "--roe", "2,0.5"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("train_bpb ") and "RoE N=2, τ=0.5" in out
+    run = load_run(run_dir)
+    train_rows = run_validation(run.config, 100, "train")
+    assert not all(torch.equal(train_rows[d], v) for d, v in
+                   run_validation(run.config, 100).items() if d in train_rows)
+
+
 def one_line_error(capsys, *needles):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("divmoe: error: "), err

@@ -59,7 +59,8 @@ def test_scmoe_weak_pass_sends_each_token_to_its_expert_of_that_rank(variant):
         router = model.blocks[model.moe_layers[0]].mlp.router
         base, weak = plain_plans[0], plans[0]  # the first MoE layer sees the same input
         bias = model.blocks[model.moe_layers[0]].mlp.balancer.selection_bias_E
-        ranking = router.selection(router.scores(base.logits_TE)[0], bias).argsort(-1, descending=True)
+        select = router.selection(router.scores(base.logits_TE)[0], bias)
+        ranking = select.argsort(-1, descending=True)
         assert weak.expert_ids_TK.shape == (20, 1)
         assert torch.equal(weak.expert_ids_TK[:, 0], ranking[:, rank - 1])
         if rank == 1 and router.top_k == 2:

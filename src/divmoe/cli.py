@@ -228,7 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "accuracy per domain of a run, plain, RoE or SCMoE")
     add_decoding_args(ev)
     ev.add_argument("--max-bytes", type=int, default=None, metavar="N",
-                    help="validation bytes per domain (default: the run's data.val_bytes_per_domain)")
+                    help="bytes per domain (default: the run's data.val_bytes_per_domain)")
+    ev.add_argument("--split", choices=("val", "train"), default="val",
+                    help="score the validation split (default) or the same windows cut from the "
+                         "training split (to tune --roe/--scmoe off the validation set)")
     ev.add_argument("--batch-size", type=int, default=32, metavar="B",
                     help="validation windows per forward (default 32)")
     ev.add_argument("--json", metavar="FILE", help="also write the numbers to FILE")

@@ -66,15 +66,16 @@ def run_evaluate(args, out=None) -> int:
     out = out or sys.stdout
     method = method_from(args.scmoe, args.roe, args.seed)
     run = load_run(args.run, args.set)
-    val = run_validation(run.config, args.max_bytes)
+    val = run_validation(run.config, args.max_bytes, args.split)
     row = score_validation(run.model, val, args.batch_size, method)
-    row.update(run=str(run.path), checkpoint=str(run.checkpoint), overrides=list(args.set))
+    row.update(run=str(run.path), checkpoint=str(run.checkpoint), split=args.split,
+               overrides=list(args.set))
     if row["bpb"] is not None:
         by = ", ".join(f"{d} {v:.4f}" for d, v in row["bpb_by_domain"].items())
-        print(f"val_bpb {row['bpb']:.4f} ({by})", file=out)
+        print(f"{args.split}_bpb {row['bpb']:.4f} ({by})", file=out)
     else:
-        print(f"val_bpb n/a: {method.describe()} scores are not calibrated probabilities",
-              file=out)
+        print(f"{args.split}_bpb n/a: {method.describe()} scores are not calibrated "
+              f"probabilities", file=out)
     by = ", ".join(f"{d} {v:.4f}" for d, v in row["accuracy_by_domain"].items())
     print(f"greedy next-byte accuracy {row['accuracy']:.4f} ({by}); {row['tokens']} bytes, "
           f"{method.describe()}", file=out)

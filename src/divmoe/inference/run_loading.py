@@ -58,10 +58,13 @@ def load_run(path: str | Path, overrides: list[str] = (), device: str = "cpu") -
     return LoadedRun(path, cfg, model.to(device).eval(), ckpt, notes)
 
 
-def run_validation(cfg: RunConfig, max_bytes_per_domain: int | None = None
-                   ) -> dict[str, torch.Tensor]:
-    """The run's validation windows per domain (its own corpus and settings), as
-    ``divmoe train`` evaluates them; ``max_bytes_per_domain`` caps each domain."""
-    _, val_docs = load_splits(cfg.data.corpus, cfg.model.seq_len, cfg.data.val_fraction)
-    return validation_set(val_docs, cfg.model.seq_len,
+def run_validation(cfg: RunConfig, max_bytes_per_domain: int | None = None,
+                   split: str = "val") -> dict[str, torch.Tensor]:
+    """The run's evaluation windows per domain (its own corpus and settings), as ``divmoe
+    train`` evaluates them; ``max_bytes_per_domain`` caps each domain; ``split="train"`` cuts
+    the same windows from the training documents (to tune a setting off the validation set)."""
+    if split not in ("val", "train"):
+        raise ValueError(f"split={split!r} is not allowed: expected val or train")
+    train_docs, val_docs = load_splits(cfg.data.corpus, cfg.model.seq_len, cfg.data.val_fraction)
+    return validation_set(val_docs if split == "val" else train_docs, cfg.model.seq_len,
                           max_bytes_per_domain or cfg.data.val_bytes_per_domain)
