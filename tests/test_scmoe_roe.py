@@ -174,3 +174,15 @@ def test_gumbel_top_k_samples_experts_from_the_router_softmax():
         ids = Roster(1, tau, seed=2).pick(router, router.gate(x), None)
         freq = torch.bincount(ids[:, 0], minlength=4).float() / len(ids)
         torch.testing.assert_close(freq, (logits / tau).softmax(-1), atol=0.015, rtol=0)
+
+
+def test_rerouting_ends_with_its_block_even_on_an_error():
+    model = tiny_model()[0]
+    tokens = torch.randint(0, 256, (1, 6))
+    before = next_token_scores(Plain(), model, tokens)
+    with pytest.raises(RuntimeError, match="boom"):
+        with rerouted(model, rank_pick(3)):
+            assert not torch.equal(next_token_scores(Plain(), model, tokens), before)
+            raise RuntimeError("boom")
+    assert all(not model.blocks[i].mlp.router._forward_hooks for i in model.moe_layers)
+    assert torch.equal(next_token_scores(Plain(), model, tokens), before)
