@@ -16,6 +16,15 @@ from divmoe.train import load_config
 from divmoe.train.checkpoint import save_checkpoint
 from divmoe.train.loop import evaluate
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models step by step: one thread is faster, and does not spin against other jobs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.seq_len=24",
         "moe.num_experts=4", "moe.expert_hidden=16"]
 
@@ -250,6 +259,13 @@ def test_cli_names_missing_runs_and_checkpoints(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text(dump_yaml(cfg))
     assert main(["generate", str(tmp_path), "--prompt", "a"]) == 2
     one_line_error(capsys, "has no checkpoint yet")
+
+
+def test_cli_evaluate_names_bad_sizes(run_dir, capsys):
+    assert main(["evaluate", str(run_dir), "--batch-size", "0"]) == 2
+    one_line_error(capsys, "--batch-size 0 is not allowed")
+    assert main(["evaluate", str(run_dir), "--max-bytes", "10"]) == 2
+    one_line_error(capsys, "max_bytes_per_domain (10) must be >= seq_len + 1 (25)")
 
 
 def test_rerouting_methods_refuse_other_routers(tmp_path, capsys):

@@ -65,6 +65,8 @@ def run_generate(args, out=None, err=None) -> int:
 def run_evaluate(args, out=None) -> int:
     out = out or sys.stdout
     method = method_from(args.scmoe, args.roe, args.seed)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} is not allowed: expected an int >= 1")
     run = load_run(args.run, args.set)
     val = run_validation(run.config, args.max_bytes, args.split)
     row = score_validation(run.model, val, args.batch_size, method)

@@ -8,7 +8,7 @@ Definition implemented (the paper's, as in its code for Mixtral):
      the expert of rank ``weak_rank`` (1 = the best) in the router's own ranking (its scores
      plus any loss-free bias, within its eligible groups), with the router's weight rule
      applied to that one expert (renormalised: weight 1 · routed_scaling; without
-     renormalisation: its score). The paper's Mixtral setting is weak_rank=2.
+     renormalisation: its score). The paper's code defaults to weak_rank=1, β=0.5, α=0.1.
   3. Scores (1 + β)·log p_s − β·log p_w for the tokens whose strong probability is at least
      α times the best one (p_s ≥ α·max p_s, the plausibility constraint); every other token
      gets −inf. The paper contrasts logits; over one position the logits and log-probabilities
