@@ -72,7 +72,7 @@ def generate(model, prompt_BS: torch.Tensor, max_new: int, *, temperature: float
              keep_scores: bool = False) -> Generation:
     """Continue each prompt row of ``prompt_BS`` [B, P] (token ids) by ``max_new`` tokens with
     ``method`` (default :class:`~divmoe.inference.methods.Plain`; or SCMoE, RoE). ``on_token``
-    gets each step's tokens [B] as they are chosen (streaming)."""
+    gets each step's tokens [B] as they are chosen (streaming). Leaves ``model`` in eval mode."""
     method = method or Plain()
     check_sampling(temperature, top_p)
     if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 0:
