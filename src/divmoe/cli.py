@@ -78,6 +78,18 @@ def _cmd_mixture_search(args) -> int:
     return 0
 
 
+def _cmd_generate(args) -> int:
+    from .inference.commands import run_generate
+
+    return run_generate(args)
+
+
+def _cmd_evaluate(args) -> int:
+    from .inference.commands import run_evaluate
+
+    return run_evaluate(args)
+
+
 def _cmd_report(args) -> int:
     from .report import write_report
 
@@ -266,6 +278,47 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--lock", metavar="FILE", help="flock FILE while the proxies train")
     ms.add_argument("--quiet", action="store_true", help="no per-proxy progress on stderr")
     ms.set_defaults(func=_cmd_mixture_search)
+
+    def add_decoding_args(sp):
+        sp.add_argument("run", help="divmoe run folder (config.yaml + checkpoint/)")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="inference routing setting on top of the run's config, e.g. "
+                             "--set moe.top_k=1 (repeatable)")
+        sp.add_argument("--scmoe", metavar="BETA,ALPHA,WEAK_RANK",
+                        help="self-contrast decoding: (1+β)·log p_strong − β·log p_weak where "
+                             "p_strong ≥ α·max, weak = each token's expert of rank WEAK_RANK only")
+        sp.add_argument("--roe", metavar="N,TAU", help="roster of experts: N routings per token "
+                        "sampled by Gumbel-top-k at temperature TAU, distributions averaged")
+        sp.add_argument("--seed", type=int, default=0, help="seed of sampling and of RoE's "
+                                                            "routings (default 0)")
+
+    g = sub.add_parser("generate", help="continue a prompt with a trained run (KV cache, "
+                                        "streamed to the terminal)")
+    add_decoding_args(g)
+    g.add_argument("--prompt", required=True, help="text to continue (UTF-8)")
+    g.add_argument("--max-new", type=int, default=None, metavar="N",
+                   help="bytes to generate (default: until the context is full)")
+    g.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                   help="sampling temperature; 0 = greedy (default 1)")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="nucleus: sample among the best tokens holding P of the probability "
+                        "(default 1 = all)")
+    g.add_argument("--no-cache", action="store_true",
+                   help="recompute the whole context at every step instead of using the KV cache")
+    g.set_defaults(func=_cmd_generate)
+
+    ev = sub.add_parser("evaluate", help="validation bits per byte and greedy next-byte "
+                                         "accuracy per domain of a run, plain, RoE or SCMoE")
+    add_decoding_args(ev)
+    ev.add_argument("--max-bytes", type=int, default=None, metavar="N",
+                    help="bytes per domain (default: the run's data.val_bytes_per_domain)")
+    ev.add_argument("--split", choices=("val", "train"), default="val",
+                    help="score the validation split (default) or the same windows cut from the "
+                         "training split (to tune --roe/--scmoe off the validation set)")
+    ev.add_argument("--batch-size", type=int, default=32, metavar="B",
+                    help="validation windows per forward (default 32)")
+    ev.add_argument("--json", metavar="FILE", help="also write the numbers to FILE")
+    ev.set_defaults(func=_cmd_evaluate)
 
     r = sub.add_parser("report", help="(re)write RUN/report.html from a run folder")
     r.add_argument("run")

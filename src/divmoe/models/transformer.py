@@ -55,12 +55,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x_BSD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                kv=None) -> torch.Tensor:
+        """``kv``: (KVCache, layer index) to attend over cached positions as well."""
         B, S, D = x_BSD.shape
         q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).unbind(2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = kv[0].attend(kv[1], q, k, v)
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
 
 
@@ -100,8 +105,8 @@ class Block(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoE)
 
-    def forward(self, x, rope, tokens):
-        x = x + self.attn(self.norm1(x), rope)
+    def forward(self, x, rope, tokens, kv=None):
+        x = x + self.attn(self.norm1(x), rope, kv)
         h = self.norm2(x)
         if self.is_moe:
             out = self.mlp(h, token_ids=tokens)
@@ -135,23 +140,32 @@ class MoETransformer(nn.Module):
     def moe_layers(self) -> list[int]:
         return [i for i, b in enumerate(self.blocks) if b.is_moe]
 
-    def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None
-                ) -> LMOutput:
+    def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None,
+                cache=None) -> LMOutput:
         """Logits for ``tokens_BS`` [B, S]; with ``targets_BS`` [B, S] also the mean
-        cross-entropy (train on ``out.loss + out.aux_loss``)."""
+        cross-entropy (train on ``out.loss + out.aux_loss``). With ``cache`` (a
+        :class:`divmoe.inference.KVCache`) the tokens continue the cached positions, and their
+        keys and values are appended to it."""
         if tokens_BS.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens_BS.shape)}")
         if tokens_BS.shape[1] > self.config.seq_len:
             raise ValueError(f"sequence length {tokens_BS.shape[1]} exceeds model.seq_len="
                              f"{self.config.seq_len}")
+        rope = (self.rope_cos, self.rope_sin)
+        if cache is not None:  # the new tokens sit at positions length, length + 1, ...
+            cache.check_step(*tokens_BS.shape)
+            rope = (self.rope_cos[cache.length:], self.rope_sin[cache.length:])
         x = self.embed(tokens_BS)
         aux = x.new_zeros(())
         stats: list[RoutingStats] = []
-        for block in self.blocks:
-            x, block_aux, block_stats = block(x, (self.rope_cos, self.rope_sin), tokens_BS)
+        for i, block in enumerate(self.blocks):
+            x, block_aux, block_stats = block(x, rope, tokens_BS,
+                                              None if cache is None else (cache, i))
             if block_stats is not None:
                 aux = aux + block_aux
                 stats.append(block_stats)
+        if cache is not None:
+            cache.advance(tokens_BS.shape[1])
         logits = F.linear(self.norm(x), self.embed.weight)
         loss = None
         if targets_BS is not None:

@@ -55,23 +55,36 @@ class TopKRouter(Router):
                 token_ids_T: torch.Tensor | None = None, seq_len: int | None = None
                 ) -> RoutingPlan:
         logits_TE = self.gate(jittered(x_TD, self.jitter, self.training))
+        scores_TE, probs_TE = self.scores(logits_TE)
+        expert_ids_TK = self.selection(scores_TE, selection_bias_E).topk(self.top_k, dim=-1).indices
+        return RoutingPlan(expert_ids_TK, self.weights(scores_TE, expert_ids_TK, x_TD.dtype),
+                           probs_TE, logits_TE)
+
+    # Steps 2-4 as methods of their own, so that inference-time routing (divmoe.inference:
+    # SCMoE's rank routing, RoE's Gumbel sampling) picks other experts by the same rules.
+    def scores(self, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores_TE, probs_TE) of step 2."""
         if self.score_func == "softmax":
             scores_TE = logits_TE.float().softmax(dim=-1)
-            probs_TE = scores_TE
-        else:
-            scores_TE = logits_TE.float().sigmoid()
-            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+            return scores_TE, scores_TE
+        scores_TE = logits_TE.float().sigmoid()
+        return scores_TE, scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
+    def selection(self, scores_TE: torch.Tensor, selection_bias_E: torch.Tensor | None
+                  ) -> torch.Tensor:
+        """What step 3 ranks experts by: scores + bias, ineligible groups at −inf."""
         select_TE = scores_TE.detach()
         if selection_bias_E is not None:
             select_TE = select_TE + selection_bias_E
         if self.n_groups > 1:
             select_TE = self._mask_groups(select_TE)
-        expert_ids_TK = select_TE.topk(self.top_k, dim=-1).indices
+        return select_TE
 
-        weights_TK = finish_weights(scores_TE.gather(1, expert_ids_TK), None, self.renormalize,
-                                    self.routed_scaling, x_TD.dtype)
-        return RoutingPlan(expert_ids_TK, weights_TK, probs_TE, logits_TE)
+    def weights(self, scores_TE: torch.Tensor, expert_ids_TK: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+        """Step 4: combine weights of the chosen experts."""
+        return finish_weights(scores_TE.gather(1, expert_ids_TK), None, self.renormalize,
+                              self.routed_scaling, dtype)
 
     def _mask_groups(self, select_TE: torch.Tensor) -> torch.Tensor:
         T, E = select_TE.shape
