@@ -10,7 +10,7 @@ from equivalence import assert_same_forward_backward, pair
 from divmoe.cli import main
 from divmoe.config import ConfigError
 from divmoe.layer import MoE, MoEConfig
-from divmoe.models import ModelConfig, MoETransformer
+from divmoe.models import MoETransformer
 from divmoe.surgery import LayerCalibration, merge_moe, prune_moe, upcycle_model
 from divmoe.surgery.merge import group_experts, unit_permutation
 from divmoe.surgery.prune import reconstruction_subset

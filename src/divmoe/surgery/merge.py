@@ -26,7 +26,6 @@ import dataclasses
 from pathlib import Path
 
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from ..config import ConfigError
 from ..diagnostics.redundancy import output_cka, probe_experts
@@ -56,6 +55,11 @@ def unit_permutation(ref_in_DH2: torch.Tensor, ref_out_HD: torch.Tensor,
     """The permutation ``p`` of an expert's hidden units that best matches the reference's:
     unit ``p[h]`` of the expert plays the role of the reference's unit ``h`` (maximises the
     summed inner products of each unit's gate column, up column and down row)."""
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError:
+        raise ImportError("merging with alignment needs scipy (pip install 'divmoe[surgery]'), "
+                          "or merge without it (--no-align)") from None
     H = ref_out_HD.shape[0]
 
     def features(w_in, w_out):  # [H, 3·D]: everything that touches hidden unit h
