@@ -20,7 +20,9 @@ from ..routing.plan import RoutingPlan
 
 
 class DynamicSkip:
-    """``DynamicSkip(cfg)(plan) -> plan`` with slots skipped as above (``moe.skip_ratio``)."""
+    """Skips a token's later experts whose weight is below skip_ratio times its first one's.
+
+    NAEE dynamic skipping; ``DynamicSkip(cfg)(plan) -> plan``."""
 
     settings = ("skip_ratio",)
 
