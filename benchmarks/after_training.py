@@ -10,7 +10,7 @@ source). Run it under the heavy-job lock on a shared machine:
     flock /tmp/divmoe-heavy.lock python benchmarks/after_training.py measure \\
         /work/runs/default --work /work/runs/after --out benchmarks/results/after_training.json
     python benchmarks/after_training.py plot-upcycle --dense RUN --upcycled RUN... \\
-        --scratch RUN --out docs/upcycling_curves.png
+        --scratch RUN [--dense-long RUN] --out docs/upcycling_curves.png
 """
 
 from __future__ import annotations
@@ -141,16 +141,38 @@ def plot_upcycle(args) -> None:
     for run in args.upcycled:
         x, y = _curve(Path(run), dense_x[-1])
         ax.plot(x, y, "o-", label=f"upcycled from dense at {dense_x[-1]:,} tokens ({Path(run).name})")
-    x, y = _curve(Path(args.scratch))
-    ax.plot(x, y, "o-", label=f"MoE from scratch ({Path(args.scratch).name})")
+    tails = list(dense_y[1:])
+    for run, label in [(args.scratch, "MoE from scratch")] + [(r, "dense, longer") for r in args.dense_long]:
+        x, y = _curve(Path(run))
+        ax.plot(x, y, "o--", label=f"{label} ({Path(run).name})")
+        tails += y[1:]
     ax.set_xlabel("training tokens (dense + continued)")
     ax.set_ylabel("validation bits per byte")
-    ax.set_ylim(top=min(max(dense_y[1:] + y[1:]) + 0.2, max(dense_y)))
+    ax.set_ylim(min(tails) - 0.1, max(tails) + 0.1)  # step 0 (≈8 bpb) would flatten the rest
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(args.out)
+
+
+def runs_table(args) -> None:
+    """Last evaluation of each run (per-domain val bpb), its training tokens and parameters."""
+    lines = []
+    for run in map(Path, args.runs):
+        cfg = load_config(run / "config.yaml")
+        last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x][-1]
+        summary = json.loads((run / "summary.json").read_text())
+        tokens = last["step"] * cfg.train.batch_size * cfg.train.grad_accum * cfg.model.seq_len
+        if not lines:
+            domains = list(last["val_bpb_by_domain"])
+            head = ["run", "steps", "tokens", "val bpb", *domains, "params total", "params active"]
+            lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines.append("| " + " | ".join([
+            run.name, str(last["step"]), f"{tokens:,}", f"{last['val_bpb']:.3f}",
+            *[f"{last['val_bpb_by_domain'][d]:.3f}" for d in domains],
+            f"{summary['params_total']:,}", f"{summary['params_active']:,}"]) + " |")
+    print("\n".join(lines))
 
 
 def main(argv=None) -> int:
@@ -168,8 +190,12 @@ def main(argv=None) -> int:
     u.add_argument("--dense", required=True)
     u.add_argument("--upcycled", nargs="+", required=True)
     u.add_argument("--scratch", required=True)
+    u.add_argument("--dense-long", nargs="*", default=[], help="dense runs trained longer")
     u.add_argument("--out", required=True)
     u.set_defaults(func=plot_upcycle)
+    t = sub.add_parser("runs-table")
+    t.add_argument("runs", nargs="+")
+    t.set_defaults(func=runs_table)
     args = p.parse_args(argv)
     args.func(args)
     return 0
