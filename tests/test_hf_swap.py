@@ -83,6 +83,24 @@ def test_swap_with_overrides_changes_routing_and_restores():
         torch.testing.assert_close(model(input_ids=ids).logits, want)
     with pytest.raises(ValueError, match="no swapped blocks"):
         restore_hf_blocks(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    swap_moe_blocks(model, router="dynamic_topp", top_p=0.5, top_k=2)
+    with torch.no_grad():
+        model(input_ids=ids)
+    restore_hf_blocks(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_remapped_merge_cannot_be_restored():
+    from divmoe.surgery import LayerCalibration, merge_moe
+
+    model = tiny("mixtral")
+    swap_moe_blocks(model)
+    for _, block in swapped_blocks(model):
+        calib = LayerCalibration(torch.tensor([4, 3, 2, 1]), torch.randn(16, 32))
+        block.moe, _ = merge_moe(block.moe, calib, 2, router_mode="remap")
+    with pytest.raises(ValueError, match="router_mode='dominant'"):
+        restore_hf_blocks(model)
 
 
 @pytest.mark.parametrize("model_type,how", [("mixtral", "merge"), ("qwen2_moe", "prune"),

@@ -81,10 +81,11 @@ def restore_hf_blocks(model: nn.Module) -> list[str]:
         raise ValueError(f"{type(model).__name__} has no swapped blocks (swap_moe_blocks first)")
     counts = {s.moe.config.num_experts for _, s in swapped}
     for name, s in swapped:
-        if s.moe.config.router not in ("topk",):
+        gate = getattr(s.moe.router, "gate", None)
+        if gate is None or tuple(gate.weight.shape) != (s.moe.config.num_experts, s.moe.d_model):
             raise ValueError(f"{name}: router={s.moe.config.router!r} cannot be written into an HF "
-                             f"block, which holds one router row per expert (merge with "
-                             f"router_mode='dominant' for an HF model)")
+                             f"block, which holds one linear router row per expert (a merged "
+                             f"layer: merge with router_mode='dominant' for an HF model)")
     if len(counts) > 1:
         raise ValueError(f"the swapped layers have different expert counts {sorted(counts)}; an HF "
                          f"config holds one count for every layer")

@@ -22,12 +22,6 @@ class LayerCalibration:
     counts_E: torch.Tensor   # [E] int64, top-k slots that chose each expert, over all tokens
     x_TD: torch.Tensor       # [T, D] a sample of the layer's inputs (the first max_tokens)
 
-    @property
-    def frequency_E(self) -> torch.Tensor:
-        """Share of routed slots per expert (sums to 1 unless nothing was routed)."""
-        c = self.counts_E.double()
-        return c / c.sum().clamp_min(1)
-
 
 @torch.no_grad()
 def calibrate(moes: list[MoE], forward, batches: list[torch.Tensor],
