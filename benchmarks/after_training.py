@@ -140,7 +140,10 @@ def plot_upcycle(args) -> None:
     ax.plot(dense_x, dense_y, "o-", label=f"dense ({Path(args.dense).name})")
     for run in args.upcycled:
         x, y = _curve(Path(run), dense_x[-1])
-        ax.plot(x, y, "o-", label=f"upcycled from dense at {dense_x[-1]:,} tokens ({Path(run).name})")
+        info = json.loads((Path(run) / "surgery.json").read_text())
+        ax.plot(x, y, "o-", label=f"upcycled at {dense_x[-1]:,} tokens: E={info['experts']}, "
+                                  f"k={info['top_k']}, g={info['granularity']}, drop ratio "
+                                  f"{info['drop_ratio']} ({Path(run).name})")
     tails = list(dense_y[1:])
     for run, label in [(args.scratch, "MoE from scratch")] + [(r, "dense, longer") for r in args.dense_long]:
         x, y = _curve(Path(run))
