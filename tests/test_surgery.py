@@ -183,7 +183,9 @@ def test_commands_write_runs_that_train_and_analyze(tmp_path, capsys):
     train(tmp_path / "dense", load_config(None, short + ["model.moe=false"]), progress=False,
           report=False)
     assert main(["merge", str(tmp_path / "moe"), "--experts-per-layer", "3",
-                 "--out", str(tmp_path / "merged"), "--calibration-sequences", "8"]) == 0
+                 "--out", str(tmp_path / "merged"), "--calibration-sequences", "8",
+                 "--set", "train.warmup_steps=1"]) == 0
+    assert load_config(tmp_path / "merged" / "config.yaml").train.warmup_steps == 1
     assert main(["prune", str(tmp_path / "moe"), "--keep", "2", "--method", "reconstruction",
                  "--skip-ratio", "0.2", "--out", str(tmp_path / "pruned"),
                  "--calibration-sequences", "8"]) == 0
@@ -207,3 +209,6 @@ def test_commands_write_runs_that_train_and_analyze(tmp_path, capsys):
     assert main(["upcycle", str(tmp_path / "moe"), "--experts", "4", "--top-k", "2",
                  "--out", str(tmp_path / "x")]) == 2
     assert "needs a dense run" in capsys.readouterr().err
+    assert main(["prune", str(tmp_path / "moe"), "--keep", "2", "--set", "moe.top_k=1",
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "only train.* and data.*" in capsys.readouterr().err

@@ -107,17 +107,17 @@ def _cmd_surgery(args) -> int:
 
     if args.command == "merge":
         info = surgery.merge_run(args.run, args.out, args.experts_per_layer, args.router,
-                                 not args.no_align, args.calibration_sequences)
+                                 not args.no_align, args.calibration_sequences, args.set)
         for layer in info["layers"]:
             print(f"block {layer['block']}: groups {layer['groups']}")
     elif args.command == "prune":
         info = surgery.prune_run(args.run, args.out, args.keep, args.method, args.skip_ratio,
-                                 args.calibration_sequences)
+                                 args.calibration_sequences, args.set)
         for layer in info["layers"]:
             print(f"block {layer['block']}: kept {layer['kept']}")
     else:
         surgery.upcycle_run(args.run, args.out, args.experts, args.top_k, args.granularity,
-                            args.drop_ratio, args.steps)
+                            args.drop_ratio, args.steps, args.set)
     print(f"new run: {args.out} (continue training: divmoe train --out {args.out} --resume; "
           f"inspect: divmoe analyze {args.out} --out ...)")
     return 0
@@ -227,9 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--quiet", action="store_true", help="no per-variant progress on stderr")
     cp.set_defaults(func=_cmd_compare)
 
+    def add_new_run_settings(sp):
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a train.* or data.* setting of the new run, e.g. --set "
+                             "train.steps=200 (how `divmoe train --resume` continues it)")
+
     def add_calibration(sp):
         sp.add_argument("--calibration-sequences", type=int, default=64, metavar="N",
                         help="training windows the routing statistics are collected on (default 64)")
+        add_new_run_settings(sp)
 
     mg = sub.add_parser("merge", help="merge each MoE layer's experts around the most-used ones "
                                       "(MC-SMoE) → a new run")
@@ -268,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--steps", type=int, default=None, metavar="N",
                     help="train.steps of the new run (default: the dense run's)")
     up.add_argument("--out", required=True, help="new run folder")
+    add_new_run_settings(up)
     up.set_defaults(func=_cmd_surgery)
 
     c = sub.add_parser("config", help="list every setting with its default and allowed values")

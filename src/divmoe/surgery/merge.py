@@ -32,7 +32,7 @@ from ..diagnostics.redundancy import output_cka, probe_experts
 from ..layer import MoE
 from .calibrate import LayerCalibration, calibrate, run_calibration_batches
 from .layer_edit import check_editable, rebuilt_moe
-from .run_io import load_run, write_run
+from .run_io import load_run, with_training_settings, write_run
 
 ROUTER_MODES = ("remap", "dominant")
 
@@ -135,7 +135,7 @@ def merge_moe(moe: MoE, calib: LayerCalibration, experts: int, router_mode: str 
 
 
 def merge_run(run: str | Path, out: str | Path, experts: int, router_mode: str = "remap",
-              align: bool = True, calibration_sequences: int = 64) -> dict:
+              align: bool = True, calibration_sequences: int = 64, settings: list[str] = ()) -> dict:
     """``divmoe merge``: merge every MoE layer of a run's model to ``experts`` experts and
     write the result as a new run (:mod:`divmoe.surgery.run_io`). Returns surgery.json's dict."""
     cfg, model = load_run(run)
@@ -148,7 +148,8 @@ def merge_run(run: str | Path, out: str | Path, experts: int, router_mode: str =
     for i, moe, cal in zip(idx, moes, calib):
         model.blocks[i].mlp, info = merge_moe(moe, cal, experts, router_mode, align)
         layers.append({"block": i, **info})
-    cfg = dataclasses.replace(cfg, moe=model.blocks[idx[0]].mlp.config)
+    cfg = with_training_settings(dataclasses.replace(cfg, moe=model.blocks[idx[0]].mlp.config),
+                                 settings)
     info = {"transform": "merge", "source": str(Path(run).resolve()), "experts_per_layer": experts,
             "router_mode": router_mode, "aligned": align,
             "calibration_sequences": calibration_sequences, "layers": layers}

@@ -29,7 +29,7 @@ from ..diagnostics.redundancy import probe_experts
 from ..layer import MoE
 from .calibrate import LayerCalibration, calibrate, run_calibration_batches
 from .layer_edit import check_editable, rebuilt_moe
-from .run_io import load_run, write_run
+from .run_io import load_run, with_training_settings, write_run
 
 METHODS = ("frequency", "reconstruction")
 EXHAUSTIVE_LIMIT = 5000
@@ -113,7 +113,7 @@ def prune_moe(moe: MoE, calib: LayerCalibration, keep: int, method: str = "frequ
 
 
 def prune_run(run: str | Path, out: str | Path, keep: int, method: str = "frequency",
-              skip_ratio: float = 0.0, calibration_sequences: int = 64) -> dict:
+              skip_ratio: float = 0.0, calibration_sequences: int = 64, settings: list[str] = ()) -> dict:
     """``divmoe prune``: prune every MoE layer of a run's model and write a new run."""
     cfg, model = load_run(run)
     idx = model.moe_layers
@@ -125,7 +125,8 @@ def prune_run(run: str | Path, out: str | Path, keep: int, method: str = "freque
     for i, moe, cal in zip(idx, moes, calib):
         model.blocks[i].mlp, info = prune_moe(moe, cal, keep, method, skip_ratio)
         layers.append({"block": i, **info})
-    cfg = dataclasses.replace(cfg, moe=model.blocks[idx[0]].mlp.config)
+    cfg = with_training_settings(dataclasses.replace(cfg, moe=model.blocks[idx[0]].mlp.config),
+                                 settings)
     info = {"transform": "prune", "source": str(Path(run).resolve()), "keep": keep,
             "method": method, "skip_ratio": skip_ratio,
             "calibration_sequences": calibration_sequences, "layers": layers}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import dump_yaml
+from ..config import ConfigError, dump_yaml, to_dict
 from ..files import atomic_write_text, check_output_folder
 from ..models import MoETransformer
 from ..train.checkpoint import checkpoint_candidates, load_weights
@@ -35,6 +35,16 @@ def load_run(run: str | Path) -> tuple[RunConfig, MoETransformer]:
     model = MoETransformer(cfg.model, cfg.moe)
     load_weights(ckpts[0], model, str(run / "config.yaml"))
     return cfg, model.eval()
+
+
+def with_training_settings(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """``cfg`` with ``key=value`` overrides of its ``train.*`` / ``data.*`` settings (how the
+    new run continues); the model's settings come from its weights and stay as they are."""
+    for item in overrides:
+        if not item.split("=", 1)[0].strip().startswith(("train.", "data.")):
+            raise ConfigError(f"--set {item!r}: only train.* and data.* settings of the new run "
+                              f"can be set (the model and layer settings follow from its weights)")
+    return load_config(None, list(overrides), base=to_dict(cfg)) if overrides else cfg
 
 
 def write_run(out: str | Path, cfg: RunConfig, model: MoETransformer, info: dict) -> Path:

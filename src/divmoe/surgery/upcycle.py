@@ -29,7 +29,7 @@ from ..layer import MoEConfig
 from ..models import MoETransformer
 from ..models.transformer import dense_equivalent_hidden
 from ..train.config import RunConfig
-from .run_io import load_run, write_run
+from .run_io import load_run, with_training_settings, write_run
 
 
 def upcycled_config(cfg: RunConfig, experts: int, top_k: int, granularity: int = 1,
@@ -100,11 +100,12 @@ def upcycle_model(dense: MoETransformer, cfg: RunConfig, drop_ratio: float = 0.0
 
 
 def upcycle_run(run: str | Path, out: str | Path, experts: int, top_k: int, granularity: int = 1,
-                drop_ratio: float = 0.0, steps: int | None = None) -> dict:
+                drop_ratio: float = 0.0, steps: int | None = None, settings: list[str] = ()) -> dict:
     """``divmoe upcycle``: write the upcycled MoE of a dense run as a new run (step 0), ready
     for ``divmoe train --out OUT --resume`` (``steps``: its train.steps, default the dense run's)."""
     cfg, dense = load_run(run)
-    new_cfg = upcycled_config(cfg, experts, top_k, granularity, steps)
+    new_cfg = with_training_settings(upcycled_config(cfg, experts, top_k, granularity, steps),
+                                     settings)
     model = upcycle_model(dense, new_cfg, drop_ratio, seed=new_cfg.train.seed)
     info = {"transform": "upcycle", "source": str(Path(run).resolve()), "experts": experts,
             "top_k": top_k, "granularity": granularity, "drop_ratio": drop_ratio,
