@@ -92,8 +92,9 @@ def measure(args) -> None:
         ratios = [s / t for s, t in zip(times["source"], times[n])]
         rows[n].update(tokens_per_s=tokens / statistics.median(times[n]),
                        speed_vs_source=statistics.median(ratios))
+    unigram = json.loads((source / "summary.json").read_text())["unigram_bpb"]["all"]
     out = {"source": str(source), "threads": torch.get_num_threads(), "batch_tokens": tokens,
-           "rounds": args.rounds, "rows": rows}
+           "rounds": args.rounds, "unigram_bpb": unigram, "rows": rows}
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(table(out))
 
@@ -110,12 +111,15 @@ def _activated_measured(model, val) -> float:
 def table(out: dict) -> str:
     rows = out["rows"]
     domains = list(rows["source"]["val_bpb_by_domain"])
-    head = ["variant", "val bpb", *domains, "params total", "params active",
+    # "gain kept": the share of the source's gain over the unigram baseline that is left.
+    base, src = out["unigram_bpb"], rows["source"]["val_bpb"]
+    head = ["variant", "val bpb", "gain kept", *domains, "params total", "params active",
             "MoE-layer params/token (measured)", "tokens/s", "× source"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n, r in rows.items():
         lines.append("| " + " | ".join([
-            n, f"{r['val_bpb']:.3f}", *[f"{r['val_bpb_by_domain'][d]:.3f}" for d in domains],
+            n, f"{r['val_bpb']:.3f}", f"{(base - r['val_bpb']) / (base - src):.0%}",
+            *[f"{r['val_bpb_by_domain'][d]:.3f}" for d in domains],
             f"{r['params_total']:,}", f"{r['params_active']:,}",
             f"{r['activated_params_measured']:,.0f}", f"{r['tokens_per_s']:,.0f}",
             f"{r['speed_vs_source']:.2f}"]) + " |")
@@ -196,6 +200,9 @@ def main(argv=None) -> int:
     u.add_argument("--dense-long", nargs="*", default=[], help="dense runs trained longer")
     u.add_argument("--out", required=True)
     u.set_defaults(func=plot_upcycle)
+    r = sub.add_parser("table", help="the markdown table of a measure JSON")
+    r.add_argument("json")
+    r.set_defaults(func=lambda a: print(table(json.loads(Path(a.json).read_text()))))
     t = sub.add_parser("runs-table")
     t.add_argument("runs", nargs="+")
     t.set_defaults(func=runs_table)
