@@ -82,7 +82,7 @@ def measure(args) -> None:
     with torch.no_grad():
         for m in models.values():
             m(batch)  # warm-up
-        for _ in range(args.rounds):
+        for _ in range(args.rounds if not args.no_timing else 0):
             for n, m in models.items():
                 t0 = time.perf_counter()
                 m(batch)
@@ -90,8 +90,8 @@ def measure(args) -> None:
     tokens = batch.numel()
     for n in models:
         ratios = [s / t for s, t in zip(times["source"], times[n])]
-        rows[n].update(tokens_per_s=tokens / statistics.median(times[n]),
-                       speed_vs_source=statistics.median(ratios))
+        rows[n].update(tokens_per_s=tokens / statistics.median(times[n]) if times[n] else None,
+                       speed_vs_source=statistics.median(ratios) if ratios else None)
     unigram = json.loads((source / "summary.json").read_text())["unigram_bpb"]["all"]
     out = {"source": str(source), "threads": torch.get_num_threads(), "batch_tokens": tokens,
            "rounds": args.rounds, "unigram_bpb": unigram, "rows": rows}
@@ -121,8 +121,9 @@ def table(out: dict) -> str:
             n, f"{r['val_bpb']:.3f}", f"{(base - r['val_bpb']) / (base - src):.0%}",
             *[f"{r['val_bpb_by_domain'][d]:.3f}" for d in domains],
             f"{r['params_total']:,}", f"{r['params_active']:,}",
-            f"{r['activated_params_measured']:,.0f}", f"{r['tokens_per_s']:,.0f}",
-            f"{r['speed_vs_source']:.2f}"]) + " |")
+            f"{r['activated_params_measured']:,.0f}",
+            *([f"{r['tokens_per_s']:,.0f}", f"{r['speed_vs_source']:.2f}"]
+              if r["tokens_per_s"] is not None else ["not timed", "–"])]) + " |")
     return "\n".join(lines)
 
 
@@ -192,6 +193,7 @@ def main(argv=None) -> int:
     m.add_argument("--variants", nargs="*", choices=sorted(VARIANTS))
     m.add_argument("--batch", type=int, default=32, help="sequences per timed forward")
     m.add_argument("--rounds", type=int, default=15)
+    m.add_argument("--no-timing", action="store_true", help="quality and parameters only")
     m.set_defaults(func=measure)
     u = sub.add_parser("plot-upcycle")
     u.add_argument("--dense", required=True)
