@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     mg = sub.add_parser("merge", help="merge each MoE layer's experts around the most-used ones "
                                       "(MC-SMoE) → a new run")
     mg.add_argument("run", help="trained divmoe run folder")
-    mg.add_argument("--experts-per-layer", type=int, required=True, metavar="M")
+    mg.add_argument("--experts-per-layer", type=int, required=True, metavar="M",
+                    help="experts each MoE layer keeps after merging")
     mg.add_argument("--out", required=True, help="new run folder")
     mg.add_argument("--router", choices=["remap", "dominant"], default="remap",
                     help="remap: keep every router row, each sending its tokens to its group's "
@@ -253,8 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prune", help="keep K experts per MoE layer by routing frequency or by "
                                       "output reconstruction (NAEE) → a new run")
     pr.add_argument("run", help="trained divmoe run folder")
-    pr.add_argument("--keep", type=int, required=True, metavar="K")
-    pr.add_argument("--method", choices=["frequency", "reconstruction"], default="frequency")
+    pr.add_argument("--keep", type=int, required=True, metavar="K",
+                    help="experts each MoE layer keeps (moe.top_k to num_experts)")
+    pr.add_argument("--method", choices=["frequency", "reconstruction"], default="frequency",
+                    help="frequency: the most-chosen experts (default); reconstruction: the "
+                         "subset whose layer output is closest to the full layer's (NAEE)")
     pr.add_argument("--skip-ratio", type=float, default=0.0, metavar="R",
                     help="also skip a token's later experts whose weight is below R times its "
                          "first one's (dynamic skipping; 0 = off)")
@@ -265,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("upcycle", help="turn a dense run (model.moe=false) into an MoE whose "
                                         "experts start from its MLPs → a new run to train on")
     up.add_argument("run", help="trained dense divmoe run folder")
-    up.add_argument("--experts", type=int, required=True, metavar="E")
-    up.add_argument("--top-k", type=int, required=True, metavar="K")
+    up.add_argument("--experts", type=int, required=True, metavar="E", help="experts per layer")
+    up.add_argument("--top-k", type=int, required=True, metavar="K", help="experts per token")
     up.add_argument("--granularity", type=int, default=1, metavar="G",
                     help="cut the dense MLP into G slices; expert e copies slice e mod G")
     up.add_argument("--drop-ratio", type=float, default=0.0, metavar="R",
