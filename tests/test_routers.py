@@ -34,6 +34,8 @@ ROUTER_KW = {
     "hypersphere": dict(num_experts=6, top_k=2, router_dim=5, router_temperature=0.5),
     "dselect_k": dict(num_experts=6, top_k=2, dselect_gamma=1.0),
     "soft_merge": dict(num_experts=6, top_k=1),  # its own invariants: tests/test_soft_merge.py
+    # 6 original rows onto 4 merged experts (rows 4, 5 share experts 0, 1): test_surgery.py
+    "merged_topk": dict(num_experts=4, top_k=2, router_rows=6),
 }
 LEARNABLE = [r for r in ROUTER_KW if r != "hash"]
 

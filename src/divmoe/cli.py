@@ -114,6 +114,27 @@ def _cmd_analyze(args) -> int:
     return 0
 
 
+def _cmd_surgery(args) -> int:
+    from . import surgery
+
+    if args.command == "merge":
+        info = surgery.merge_run(args.run, args.out, args.experts_per_layer, args.router,
+                                 not args.no_align, args.calibration_sequences, args.set)
+        for layer in info["layers"]:
+            print(f"block {layer['block']}: groups {layer['groups']}")
+    elif args.command == "prune":
+        info = surgery.prune_run(args.run, args.out, args.keep, args.method, args.skip_ratio,
+                                 args.calibration_sequences, args.set)
+        for layer in info["layers"]:
+            print(f"block {layer['block']}: kept {layer['kept']}")
+    else:
+        surgery.upcycle_run(args.run, args.out, args.experts, args.top_k, args.granularity,
+                            args.drop_ratio, args.steps, args.set)
+    print(f"new run: {args.out} (continue training: divmoe train --out {args.out} --resume; "
+          f"inspect: divmoe analyze {args.out} --out ...)")
+    return 0
+
+
 def _cmd_config(args) -> int:
     from .config import describe, dump_yaml
     from .train import RunConfig, load_config
@@ -341,6 +362,60 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "a machine with other heavy jobs)")
     cp.add_argument("--quiet", action="store_true", help="no per-variant progress on stderr")
     cp.set_defaults(func=_cmd_compare)
+
+    def add_new_run_settings(sp):
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a train.* or data.* setting of the new run, e.g. --set "
+                             "train.steps=200 (how `divmoe train --resume` continues it)")
+
+    def add_calibration(sp):
+        sp.add_argument("--calibration-sequences", type=int, default=64, metavar="N",
+                        help="training windows the routing statistics are collected on (default 64)")
+        add_new_run_settings(sp)
+
+    mg = sub.add_parser("merge", help="merge each MoE layer's experts around the most-used ones "
+                                      "(MC-SMoE) → a new run")
+    mg.add_argument("run", help="trained divmoe run folder")
+    mg.add_argument("--experts-per-layer", type=int, required=True, metavar="M",
+                    help="experts each MoE layer keeps after merging")
+    mg.add_argument("--out", required=True, help="new run folder")
+    mg.add_argument("--router", choices=["remap", "dominant"], default="remap",
+                    help="remap: keep every router row, each sending its tokens to its group's "
+                         "merged expert (default); dominant: one row per merged expert")
+    mg.add_argument("--no-align", action="store_true",
+                    help="average without permutation alignment of hidden units")
+    add_calibration(mg)
+    mg.set_defaults(func=_cmd_surgery)
+
+    pr = sub.add_parser("prune", help="keep K experts per MoE layer by routing frequency or by "
+                                      "output reconstruction (NAEE) → a new run")
+    pr.add_argument("run", help="trained divmoe run folder")
+    pr.add_argument("--keep", type=int, required=True, metavar="K",
+                    help="experts each MoE layer keeps (moe.top_k to num_experts)")
+    pr.add_argument("--method", choices=["frequency", "reconstruction"], default="frequency",
+                    help="frequency: the most-chosen experts (default); reconstruction: the "
+                         "subset whose layer output is closest to the full layer's (NAEE)")
+    pr.add_argument("--skip-ratio", type=float, default=0.0, metavar="R",
+                    help="also skip a token's later experts whose weight is below R times its "
+                         "first one's (dynamic skipping; 0 = off)")
+    pr.add_argument("--out", required=True, help="new run folder")
+    add_calibration(pr)
+    pr.set_defaults(func=_cmd_surgery)
+
+    up = sub.add_parser("upcycle", help="turn a dense run (model.moe=false) into an MoE whose "
+                                        "experts start from its MLPs → a new run to train on")
+    up.add_argument("run", help="trained dense divmoe run folder")
+    up.add_argument("--experts", type=int, required=True, metavar="E", help="experts per layer")
+    up.add_argument("--top-k", type=int, required=True, metavar="K", help="experts per token")
+    up.add_argument("--granularity", type=int, default=1, metavar="G",
+                    help="cut the dense MLP into G slices; expert e copies slice e mod G")
+    up.add_argument("--drop-ratio", type=float, default=0.0, metavar="R",
+                    help="Drop-Upcycling: re-initialise this share of each expert's hidden units")
+    up.add_argument("--steps", type=int, default=None, metavar="N",
+                    help="train.steps of the new run (default: the dense run's)")
+    up.add_argument("--out", required=True, help="new run folder")
+    add_new_run_settings(up)
+    up.set_defaults(func=_cmd_surgery)
 
     c = sub.add_parser("config", help="list every setting with its default and allowed values")
     c.add_argument("--show-resolved", action="store_true",

@@ -123,6 +123,12 @@ class MoEConfig:
                                        help="hypersphere: cosine scores are divided by this")
     dselect_gamma: float = option(1.0, min=0.0, min_exclusive=True,
                                   help="dselect_k: width γ of the smooth-step function")
+    router_rows: int = option(0, min=0, help="merged_topk: the original router rows R kept by "
+                              "divmoe merge; each routes to its group's merged expert (the "
+                              "layer's expert_of_row_R buffer, saved with the weights)")
+    skip_ratio: float = option(0.0, min=0.0, max=1.0,
+                               help="dynamic_skip: skip a slot whose weight is below skip_ratio "
+                                    "times the token's first weight (NAEE dynamic skipping)")
     dispatch: str = option("grouped", choices=sorted(DISPATCHERS),
                            help="grouped = fast path; reference = loop over experts; triton = "
                                 "fused Triton kernels on CUDA (divmoe[gpu]); auto = triton "

@@ -19,6 +19,7 @@ from .context import BalanceContext
 from .dirichlet import dirichlet_prior
 from .loss_free import update_selection_bias
 from .losses import aux_loss, routing_entropy, z_loss
+from .skip import DynamicSkip
 from .small_expert import small_expert_bias
 
 
@@ -79,6 +80,8 @@ BALANCERS: dict[str, BalanceTerm] = {
     "loss_free_bias": BalanceTerm("controller", update_selection_bias, None,
                                   ("bias_update_rate",), _check_loss_free),
     "capacity": BalanceTerm("transform", Capacity, None, Capacity.settings, doc=Capacity),
+    "dynamic_skip": BalanceTerm("transform", DynamicSkip, None, DynamicSkip.settings,
+                                doc=DynamicSkip),
 }
 BALANCE_LOSSES = {n: t.impl for n, t in BALANCERS.items() if t.kind == "loss"}
 PLAN_TRANSFORMS = {n: t.impl for n, t in BALANCERS.items() if t.kind == "transform"}

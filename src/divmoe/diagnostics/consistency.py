@@ -68,7 +68,8 @@ def _token_counts(ids_NSK: torch.Tensor, num_experts: int) -> torch.Tensor:
     ok = (ids_NSK >= 0) & (ids_NSK < num_experts)
     out = torch.zeros(N, S, num_experts + 1, dtype=torch.int64)
     out.scatter_add_(2, torch.where(ok, ids_NSK, num_experts), ok.long())
-    return out[..., :num_experts]
+    # Two slots of one token may name one expert (a merged model, router merged_topk).
+    return out[..., :num_experts].clamp_max_(1)
 
 
 def _check_m(m: int, S: int) -> int:

@@ -24,6 +24,11 @@ Example (no hub access needed: a tiny model with random weights)::
 from .mapping import (SUPPORTED_MODEL_TYPES, find_moe_blocks, load_hf_moe_block,
                       moe_config_from_hf, moe_from_hf_block, moes_from_hf_model,
                       save_to_hf_block)
+from .surgery import merge_hf_experts, prune_hf_experts
+from .swap import SwappedMoEBlock, restore_hf_blocks, swap_moe_blocks, swapped_blocks
+
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "moe_config_from_hf", "load_hf_moe_block",
-           "save_to_hf_block", "moe_from_hf_block", "find_moe_blocks", "moes_from_hf_model"]
+           "save_to_hf_block", "moe_from_hf_block", "find_moe_blocks", "moes_from_hf_model",
+           "swap_moe_blocks", "restore_hf_blocks", "swapped_blocks", "SwappedMoEBlock",
+           "merge_hf_experts", "prune_hf_experts"]

@@ -280,13 +280,17 @@ def _expert_pairs(hf_experts: nn.Module, moe: MoE) -> list[tuple[str, torch.Tens
             ("experts.down_proj", hf_experts.down_proj, w_out.transpose(1, 2))]
 
 
-def _pairs(block: nn.Module, moe: MoE) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(HF name, HF tensor, divmoe view of the same shape) for every copied tensor."""
+def _pairs(block: nn.Module, moe: MoE, check_routing: bool = True
+           ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(HF name, HF tensor, divmoe view of the same shape) for every copied tensor;
+    ``check_routing=False`` copies weights into a block that routes otherwise (writing back a
+    layer whose routing the user changed)."""
     if not isinstance(moe, MoE):
         raise ValueError(f"expected a divmoe.layer.MoE, got {type(moe).__name__}")
     model_type = _block_model_type(block)
     fam = _FAMILIES[model_type]
-    _check_semantics(block, model_type, moe)
+    if check_routing:
+        _check_semantics(block, model_type, moe)
     _check_expert_function(block, fam)
     pairs = [("gate.weight", block.gate.weight, moe.router.gate.weight)]
     pairs += _expert_pairs(block.experts, moe)
@@ -323,29 +327,33 @@ def _pairs(block: nn.Module, moe: MoE) -> list[tuple[str, torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def load_hf_moe_block(block: nn.Module, moe: MoE) -> MoE:
+def load_hf_moe_block(block: nn.Module, moe: MoE, check_routing: bool = True) -> MoE:
     """Copy the weights of an HF sparse MoE block into ``moe`` (in place; returns ``moe``).
 
     Raises ValueError for an unsupported block class, a config whose routing differs from
-    the block's, or any tensor whose shape does not fit (naming it and both shapes).
+    the block's (unless ``check_routing=False``: another routing policy on the same
+    weights), or any tensor whose shape does not fit (naming it and both shapes).
     """
-    for _, hf_t, ours in _pairs(block, moe):
+    for _, hf_t, ours in _pairs(block, moe, check_routing):
         ours.copy_(hf_t)
     return moe
 
 
 @torch.no_grad()
-def save_to_hf_block(moe: MoE, block: nn.Module) -> nn.Module:
-    """The reverse of :func:`load_hf_moe_block`: write ``moe``'s weights into ``block``."""
-    for _, hf_t, ours in _pairs(block, moe):
+def save_to_hf_block(moe: MoE, block: nn.Module, check_routing: bool = True) -> nn.Module:
+    """The reverse of :func:`load_hf_moe_block`: write ``moe``'s weights into ``block``
+    (``check_routing=False``: also when ``moe`` routes otherwise than the block)."""
+    for _, hf_t, ours in _pairs(block, moe, check_routing):
         hf_t.copy_(ours)
     return block
 
 
-def moe_from_hf_block(block: nn.Module, hf_config: Any, **overrides: Any) -> MoE:
+def moe_from_hf_block(block: nn.Module, hf_config: Any, check_routing: bool = True,
+                      **overrides: Any) -> MoE:
     """A new :class:`MoE` computing what ``block`` computes, with its weights and dtypes: the
     experts' dtype for the layer, the gate's for the router (DeepSeek-V3 checkpoints keep a
-    float32 router in a bf16 model; the divmoe router then computes in float32 too)."""
+    float32 router in a bf16 model; the divmoe router then computes in float32 too).
+    ``check_routing=False`` lets ``overrides`` route otherwise than the block."""
     block_type = _block_model_type(block)
     if getattr(hf_config, "model_type", None) != block_type:
         raise ValueError(f"block {type(block).__name__} is a {block_type!r} block but the config's "
@@ -354,7 +362,7 @@ def moe_from_hf_block(block: nn.Module, hf_config: Any, **overrides: Any) -> MoE
     expert_dtype = next(block.experts.parameters()).dtype
     moe.to(device=block.gate.weight.device, dtype=expert_dtype)
     moe.router.to(dtype=block.gate.weight.dtype)
-    return load_hf_moe_block(block, moe)
+    return load_hf_moe_block(block, moe, check_routing)
 
 
 # ----------------------------------------------------------------------------- models

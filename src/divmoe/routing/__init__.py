@@ -12,6 +12,7 @@ from .dynamic_topp import DynamicTopPRouter
 from .grouped import GroupedRouter
 from .hash import HashRouter
 from .hypersphere import HypersphereRouter
+from .merged_topk import MergedTopKRouter
 from .null_experts import NullExpertRouter, null_usage_loss
 from .plan import RoutingPlan, count_per_expert
 from .router import Router, causal_routing
@@ -30,8 +31,9 @@ ROUTERS = {
     "hypersphere": HypersphereRouter,
     "dselect_k": DSelectKRouter,
     "soft_merge": SoftMergeRouter,
+    "merged_topk": MergedTopKRouter,
 }
 
 __all__ = ["RoutingPlan", "Router", "causal_routing", "count_per_expert", "ROUTERS", "TopKRouter", "ExpertChoiceRouter", "DynamicTopPRouter",
            "NullExpertRouter", "GroupedRouter", "SinkhornRouter", "HashRouter",
-           "HypersphereRouter", "DSelectKRouter", "SoftMergeRouter", "null_usage_loss"]
+           "HypersphereRouter", "MergedTopKRouter", "DSelectKRouter", "SoftMergeRouter", "null_usage_loss"]

@@ -1,0 +1,67 @@
+"""Reading a trained run and writing a transformed one as a run folder of its own.
+
+A transformed run is an ordinary run at step 0: ``config.yaml`` (the source's, with the
+layer settings the transform changed), ``checkpoint/`` (the new weights, a fresh optimizer
+state) and ``surgery.json`` (what was done, from what). ``divmoe train --out NEW --resume``
+evaluates it at step 0 and trains it for ``train.steps`` steps; ``divmoe analyze NEW`` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError, dump_yaml, to_dict
+from ..files import atomic_write_text, check_output_folder
+from ..models import MoETransformer
+from ..train.checkpoint import checkpoint_candidates, load_weights
+from ..train.config import RunConfig, load_config
+from ..train.run_folder import RunError, locked_run
+
+SURGERY = "surgery.json"
+
+
+def load_run(run: str | Path) -> tuple[RunConfig, MoETransformer]:
+    """The configuration and the model (newest complete checkpoint, eval mode) of a run."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise RunError(f"{run} holds no divmoe run (no config.yaml)")
+    ckpts = checkpoint_candidates(run)
+    if not ckpts:
+        raise RunError(f"{run} has no checkpoint yet (checkpoint/model.safetensors): train it first")
+    cfg = load_config(run / "config.yaml")
+    model = MoETransformer(cfg.model, cfg.moe)
+    load_weights(ckpts[0], model, str(run / "config.yaml"))
+    return cfg, model.eval()
+
+
+def with_training_settings(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """``cfg`` with ``key=value`` overrides of its ``train.*`` / ``data.*`` settings (how the
+    new run continues); the model's settings come from its weights and stay as they are."""
+    for item in overrides:
+        if not item.split("=", 1)[0].strip().startswith(("train.", "data.")):
+            raise ConfigError(f"--set {item!r}: only train.* and data.* settings of the new run "
+                              f"can be set (the model and layer settings follow from its weights)")
+    return load_config(None, list(overrides), base=to_dict(cfg)) if overrides else cfg
+
+
+def write_run(out: str | Path, cfg: RunConfig, model: MoETransformer, info: dict) -> Path:
+    """Write ``model`` (built from ``cfg``) as a new run at step 0 in ``out``, with ``info``
+    in ``surgery.json``. Refuses a folder that already holds a run."""
+    from ..train.checkpoint import save_checkpoint
+    from ..train.loop import build_optimizer
+
+    out = check_output_folder(out)
+    if (out / "config.yaml").exists() or checkpoint_candidates(out):
+        raise RunError(f"--out {out} already holds a run; choose another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    with locked_run(out):
+        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+        state = {"step": 0, "loss_sum": 0.0, "loss_count": 0, "train_time": 0.0,
+                 "tokens_seen": 0, "elapsed": 0.0, "rng": torch.get_rng_state(),
+                 "optimizer": build_optimizer(model, cfg).state_dict()}
+        save_checkpoint(out, model.state_dict(), state)
+        atomic_write_text(out / SURGERY, json.dumps(info, indent=1))
+    return out
