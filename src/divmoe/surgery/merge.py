@@ -32,7 +32,8 @@ from ..diagnostics.redundancy import output_cka, probe_experts
 from ..layer import MoE
 from .calibrate import LayerCalibration, calibrate, run_calibration_batches
 from .layer_edit import check_editable, rebuilt_moe
-from .run_io import load_run, with_training_settings, write_run
+from ..inference.run_loading import load_run
+from .run_io import with_training_settings, write_run
 
 ROUTER_MODES = ("remap", "dominant")
 
@@ -138,7 +139,8 @@ def merge_run(run: str | Path, out: str | Path, experts: int, router_mode: str =
               align: bool = True, calibration_sequences: int = 64, settings: list[str] = ()) -> dict:
     """``divmoe merge``: merge every MoE layer of a run's model to ``experts`` experts and
     write the result as a new run (:mod:`divmoe.surgery.run_io`). Returns surgery.json's dict."""
-    cfg, model = load_run(run)
+    source = load_run(run)
+    cfg, model = source.config, source.model
     idx = model.moe_layers
     if not idx:
         raise ConfigError(f"{run} is a dense model (model.moe=false): nothing to merge")

@@ -29,7 +29,8 @@ from ..diagnostics.redundancy import probe_experts
 from ..layer import MoE
 from .calibrate import LayerCalibration, calibrate, run_calibration_batches
 from .layer_edit import check_editable, rebuilt_moe
-from .run_io import load_run, with_training_settings, write_run
+from ..inference.run_loading import load_run
+from .run_io import with_training_settings, write_run
 
 METHODS = ("frequency", "reconstruction")
 EXHAUSTIVE_LIMIT = 5000
@@ -115,7 +116,8 @@ def prune_moe(moe: MoE, calib: LayerCalibration, keep: int, method: str = "frequ
 def prune_run(run: str | Path, out: str | Path, keep: int, method: str = "frequency",
               skip_ratio: float = 0.0, calibration_sequences: int = 64, settings: list[str] = ()) -> dict:
     """``divmoe prune``: prune every MoE layer of a run's model and write a new run."""
-    cfg, model = load_run(run)
+    source = load_run(run)
+    cfg, model = source.config, source.model
     idx = model.moe_layers
     if not idx:
         raise ConfigError(f"{run} is a dense model (model.moe=false): nothing to prune")

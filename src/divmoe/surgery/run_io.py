@@ -16,25 +16,11 @@ import torch
 from ..config import ConfigError, dump_yaml, to_dict
 from ..files import atomic_write_text, check_output_folder
 from ..models import MoETransformer
-from ..train.checkpoint import checkpoint_candidates, load_weights
+from ..train.checkpoint import checkpoint_candidates
 from ..train.config import RunConfig, load_config
 from ..train.run_folder import RunError, locked_run
 
 SURGERY = "surgery.json"
-
-
-def load_run(run: str | Path) -> tuple[RunConfig, MoETransformer]:
-    """The configuration and the model (newest complete checkpoint, eval mode) of a run."""
-    run = Path(run)
-    if not (run / "config.yaml").is_file():
-        raise RunError(f"{run} holds no divmoe run (no config.yaml)")
-    ckpts = checkpoint_candidates(run)
-    if not ckpts:
-        raise RunError(f"{run} has no checkpoint yet (checkpoint/model.safetensors): train it first")
-    cfg = load_config(run / "config.yaml")
-    model = MoETransformer(cfg.model, cfg.moe)
-    load_weights(ckpts[0], model, str(run / "config.yaml"))
-    return cfg, model.eval()
 
 
 def with_training_settings(cfg: RunConfig, overrides: list[str]) -> RunConfig:

@@ -29,7 +29,8 @@ from ..layer import MoEConfig
 from ..models import MoETransformer
 from ..models.transformer import dense_equivalent_hidden
 from ..train.config import RunConfig
-from .run_io import load_run, with_training_settings, write_run
+from ..inference.run_loading import load_run
+from .run_io import with_training_settings, write_run
 
 
 def upcycled_config(cfg: RunConfig, experts: int, top_k: int, granularity: int = 1,
@@ -103,7 +104,8 @@ def upcycle_run(run: str | Path, out: str | Path, experts: int, top_k: int, gran
                 drop_ratio: float = 0.0, steps: int | None = None, settings: list[str] = ()) -> dict:
     """``divmoe upcycle``: write the upcycled MoE of a dense run as a new run (step 0), ready
     for ``divmoe train --out OUT --resume`` (``steps``: its train.steps, default the dense run's)."""
-    cfg, dense = load_run(run)
+    source = load_run(run)
+    cfg, dense = source.config, source.model
     new_cfg = with_training_settings(upcycled_config(cfg, experts, top_k, granularity, steps),
                                      settings)
     model = upcycle_model(dense, new_cfg, drop_ratio, seed=new_cfg.train.seed)
