@@ -85,22 +85,15 @@ def _load_divmoe(path: Path, config_path: Path, ckpts: list[Path]) -> AnalysisSo
     """The model of ``config_path`` with the weights of the first checkpoint that reads back
     whole (a damaged newer one is named in the notes)."""
     from ..models import MoETransformer
-    from ..train.checkpoint import WEIGHTS, CheckpointError, load_weights
+    from ..train.checkpoint import WEIGHTS, CheckpointError, first_readable, load_weights
     from ..train.config import load_config
 
     cfg = load_config(config_path)
     model = MoETransformer(cfg.model, cfg.moe)
-    errors: list[CheckpointError] = []
-    for ckpt in ckpts:
-        try:
-            load_weights(ckpt, model, str(config_path))
-            break
-        except CheckpointError as exc:
-            errors.append(exc)
-    else:
-        raise AnalyzeError(str(errors[0]) + ("; no earlier complete checkpoint to fall back to"
-                                             if len(errors) == 1 else
-                                             f"; and the previous one: {errors[1]}"))
+    try:
+        ckpt, _, errors = first_readable(ckpts, lambda c: load_weights(c, model, str(config_path)))
+    except CheckpointError as exc:
+        raise AnalyzeError(str(exc)) from None
     notes = [f"{exc}; analysed the previous checkpoint {ckpt} instead" for exc in errors]
     weights = ckpt / WEIGHTS
     model.eval()

@@ -11,7 +11,7 @@ import torch
 from ..data.mixture import validation_set
 from ..data.user_corpus import load_splits
 from ..models import MoETransformer
-from ..train.checkpoint import CheckpointError, checkpoint_candidates, load_weights
+from ..train.checkpoint import checkpoint_candidates, first_readable, load_weights
 from ..train.config import RunConfig, load_config
 from ..train.run_folder import RunError
 
@@ -43,17 +43,7 @@ def load_run(path: str | Path, overrides: list[str] = (), device: str = "cpu") -
                        f"writes one at its first evaluation; wait for it or train it first")
     cfg = load_config(config_path, list(overrides))
     model = MoETransformer(cfg.model, cfg.moe)
-    errors: list[CheckpointError] = []
-    for ckpt in ckpts:
-        try:
-            load_weights(ckpt, model, str(config_path))
-            break
-        except CheckpointError as exc:
-            errors.append(exc)
-    else:
-        raise CheckpointError(f"{errors[0]}; no earlier complete checkpoint to fall back to"
-                              if len(errors) == 1 else
-                              f"{errors[0]}; and the previous one: {errors[1]}")
+    ckpt, _, errors = first_readable(ckpts, lambda c: load_weights(c, model, str(config_path)))
     notes = [f"{exc}; using the previous checkpoint {ckpt} instead" for exc in errors]
     return LoadedRun(path, cfg, model.to(device).eval(), ckpt, notes)
 

@@ -22,7 +22,6 @@ Definition implemented, per MoE layer with E experts merged into M:
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -30,10 +29,9 @@ import torch
 from ..config import ConfigError
 from ..diagnostics.redundancy import output_cka, probe_experts
 from ..layer import MoE
-from .calibrate import LayerCalibration, calibrate, run_calibration_batches
+from .calibrate import LayerCalibration
 from .layer_edit import check_editable, rebuilt_moe
-from ..inference.run_loading import load_run
-from .run_io import with_training_settings, write_run
+from .run_io import rewrite_moe_layers
 
 ROUTER_MODES = ("remap", "dominant")
 
@@ -139,21 +137,7 @@ def merge_run(run: str | Path, out: str | Path, experts: int, router_mode: str =
               align: bool = True, calibration_sequences: int = 64, settings: list[str] = ()) -> dict:
     """``divmoe merge``: merge every MoE layer of a run's model to ``experts`` experts and
     write the result as a new run (:mod:`divmoe.surgery.run_io`). Returns surgery.json's dict."""
-    source = load_run(run)
-    cfg, model = source.config, source.model
-    idx = model.moe_layers
-    if not idx:
-        raise ConfigError(f"{run} is a dense model (model.moe=false): nothing to merge")
-    moes = [model.blocks[i].mlp for i in idx]
-    calib = calibrate(moes, model, run_calibration_batches(cfg, calibration_sequences))
-    layers = []
-    for i, moe, cal in zip(idx, moes, calib):
-        model.blocks[i].mlp, info = merge_moe(moe, cal, experts, router_mode, align)
-        layers.append({"block": i, **info})
-    cfg = with_training_settings(dataclasses.replace(cfg, moe=model.blocks[idx[0]].mlp.config),
-                                 settings)
-    info = {"transform": "merge", "source": str(Path(run).resolve()), "experts_per_layer": experts,
-            "router_mode": router_mode, "aligned": align,
-            "calibration_sequences": calibration_sequences, "layers": layers}
-    write_run(out, cfg, model, info)
-    return info
+    return rewrite_moe_layers(
+        run, out, lambda moe, cal: merge_moe(moe, cal, experts, router_mode, align),
+        {"transform": "merge", "experts_per_layer": experts, "router_mode": router_mode,
+         "aligned": align}, calibration_sequences, settings, "merge")

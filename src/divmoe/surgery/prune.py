@@ -17,7 +17,6 @@ transform (:mod:`divmoe.balance.skip`), switched on in the pruned model's config
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 from pathlib import Path
@@ -27,10 +26,9 @@ import torch
 from ..config import ConfigError
 from ..diagnostics.redundancy import probe_experts
 from ..layer import MoE
-from .calibrate import LayerCalibration, calibrate, run_calibration_batches
+from .calibrate import LayerCalibration
 from .layer_edit import check_editable, rebuilt_moe
-from ..inference.run_loading import load_run
-from .run_io import with_training_settings, write_run
+from .run_io import rewrite_moe_layers
 
 METHODS = ("frequency", "reconstruction")
 EXHAUSTIVE_LIMIT = 5000
@@ -116,21 +114,7 @@ def prune_moe(moe: MoE, calib: LayerCalibration, keep: int, method: str = "frequ
 def prune_run(run: str | Path, out: str | Path, keep: int, method: str = "frequency",
               skip_ratio: float = 0.0, calibration_sequences: int = 64, settings: list[str] = ()) -> dict:
     """``divmoe prune``: prune every MoE layer of a run's model and write a new run."""
-    source = load_run(run)
-    cfg, model = source.config, source.model
-    idx = model.moe_layers
-    if not idx:
-        raise ConfigError(f"{run} is a dense model (model.moe=false): nothing to prune")
-    moes = [model.blocks[i].mlp for i in idx]
-    calib = calibrate(moes, model, run_calibration_batches(cfg, calibration_sequences))
-    layers = []
-    for i, moe, cal in zip(idx, moes, calib):
-        model.blocks[i].mlp, info = prune_moe(moe, cal, keep, method, skip_ratio)
-        layers.append({"block": i, **info})
-    cfg = with_training_settings(dataclasses.replace(cfg, moe=model.blocks[idx[0]].mlp.config),
-                                 settings)
-    info = {"transform": "prune", "source": str(Path(run).resolve()), "keep": keep,
-            "method": method, "skip_ratio": skip_ratio,
-            "calibration_sequences": calibration_sequences, "layers": layers}
-    write_run(out, cfg, model, info)
-    return info
+    return rewrite_moe_layers(
+        run, out, lambda moe, cal: prune_moe(moe, cal, keep, method, skip_ratio),
+        {"transform": "prune", "keep": keep, "method": method, "skip_ratio": skip_ratio},
+        calibration_sequences, settings, "prune")

@@ -8,6 +8,7 @@ evaluates it at step 0 and trains it for ``train.steps`` steps; ``divmoe analyze
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -21,6 +22,33 @@ from ..train.config import RunConfig, load_config
 from ..train.run_folder import RunError, locked_run
 
 SURGERY = "surgery.json"
+
+
+def rewrite_moe_layers(run: str | Path, out: str | Path, edit, info: dict,
+                       calibration_sequences: int, settings: list[str], verb: str) -> dict:
+    """Calibrate every MoE layer of a run's model, replace each by ``edit(moe, calibration)
+    -> (new_moe, layer_info)`` and write the result as a new run with ``info`` (+ the source,
+    the calibration size and each layer's info) in surgery.json, which it returns."""
+    from ..inference.run_loading import load_run
+    from .calibrate import calibrate, run_calibration_batches
+
+    source = load_run(run)
+    cfg, model = source.config, source.model
+    idx = model.moe_layers
+    if not idx:
+        raise ConfigError(f"{run} is a dense model (model.moe=false): nothing to {verb}")
+    moes = [model.blocks[i].mlp for i in idx]
+    calib = calibrate(moes, model, run_calibration_batches(cfg, calibration_sequences))
+    layers = []
+    for i, moe, cal in zip(idx, moes, calib):
+        model.blocks[i].mlp, layer_info = edit(moe, cal)
+        layers.append({"block": i, **layer_info})
+    cfg = with_training_settings(dataclasses.replace(cfg, moe=model.blocks[idx[0]].mlp.config),
+                                 settings)
+    info = {**info, "source": str(Path(run).resolve()),
+            "calibration_sequences": calibration_sequences, "layers": layers}
+    write_run(out, cfg, model, info)
+    return info
 
 
 def with_training_settings(cfg: RunConfig, overrides: list[str]) -> RunConfig:

@@ -174,23 +174,34 @@ def read_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return state
 
 
+def first_readable(ckpts: list[Path], load: Callable[[Path], object]) -> tuple[Path, object, list]:
+    """``load(ckpt)`` on each of ``ckpts`` (newest first) until one reads back whole; returns
+    that folder, what ``load`` returned and the CheckpointErrors of the newer ones. When none
+    reads back: CheckpointError naming the newest one's problem (and the previous one's)."""
+    errors: list[CheckpointError] = []
+    for ckpt in ckpts:
+        try:
+            return ckpt, load(ckpt), errors
+        except CheckpointError as exc:
+            errors.append(exc)
+    if not errors:
+        raise CheckpointError("no checkpoint folder to load")
+    raise CheckpointError(f"{errors[0]}; no earlier complete checkpoint to fall back to"
+                          if len(errors) == 1 else
+                          f"{errors[0]}; and the previous one: {errors[1]}")
+
+
 def load_latest(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 log: Callable[[str], None]) -> tuple[Path, dict] | None:
     """Load the newest checkpoint that reads back whole; ``log`` says why a newer one was
     skipped. None when the run has no checkpoint; CheckpointError (the newest one's problem)
     when none of them is usable."""
-    errors: list[CheckpointError] = []
-    for ckpt in checkpoint_candidates(run_dir):
-        try:
-            state = read_checkpoint(ckpt, model, optimizer, str(Path(run_dir) / "config.yaml"))
-        except CheckpointError as exc:
-            errors.append(exc)
-            continue
-        for exc in errors:
-            log(f"{exc}; resuming from the previous checkpoint {ckpt} (step {state['step']})")
-        return ckpt, state
-    if errors:
-        raise CheckpointError(f"{errors[0]}; no earlier complete checkpoint to fall back to"
-                              if len(errors) == 1 else
-                              f"{errors[0]}; and the previous one: {errors[1]}")
-    return None
+    candidates = checkpoint_candidates(run_dir)
+    if not candidates:
+        return None
+    config_name = str(Path(run_dir) / "config.yaml")
+    ckpt, state, errors = first_readable(
+        candidates, lambda c: read_checkpoint(c, model, optimizer, config_name))
+    for exc in errors:
+        log(f"{exc}; resuming from the previous checkpoint {ckpt} (step {state['step']})")
+    return ckpt, state
