@@ -3,10 +3,10 @@
 import datetime
 import os
 import tempfile
-import time
 
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from divmoe.parallel.spawn import spawn_ranks
 
 TIMEOUT_S = 120
 
@@ -24,12 +24,4 @@ def run_ranks(fn, world: int, *args, timeout_s: float = TIMEOUT_S) -> None:
     """``fn(rank, world, *args)`` on ``world`` ranks of a fresh gloo group; raises if any rank
     fails or the whole run takes longer than ``timeout_s`` (its processes are then killed)."""
     init_file = os.path.join(tempfile.mkdtemp(), "init")
-    ctx = mp.spawn(_entry, args=(world, init_file, fn, args), nprocs=world, join=False)
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            raise TimeoutError(f"{world} ranks did not finish within {timeout_s} s "
-                               f"(a collective hung?)")
+    spawn_ranks(_entry, world, (world, init_file, fn, args), timeout_s, "test")

@@ -29,7 +29,8 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from ..parallel.spawn import spawn_ranks
 
 TIMEOUT_S = 300.0
 
@@ -78,18 +79,6 @@ def _rank_main(rank: int, world: int, init_file: str, overrides: list[str], step
         dist.destroy_process_group()
 
 
-def _spawn(world: int, args: tuple, timeout_s: float) -> None:
-    ctx = mp.spawn(_rank_main, args=(world, *args), nprocs=world, join=False)
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            raise TimeoutError(f"bench --distributed: {world} ranks did not finish within "
-                               f"{timeout_s:.0f} s")
-
-
 def bench_distributed(overrides: list[str], worlds: list[int], steps: int, warmup: int,
                       seed: int, log) -> dict:
     """One row per W: medians over the timed steps (per step the slowest rank's step time,
@@ -107,8 +96,9 @@ def bench_distributed(overrides: list[str], worlds: list[int], steps: int, warmu
     for world in worlds:
         log(f"  [distributed] W={world}: {steps} steps after {warmup} warm-up")
         with tempfile.TemporaryDirectory() as tmp:
-            _spawn(world, (os.path.join(tmp, "init"), list(overrides), steps, warmup, seed, tmp),
-                   TIMEOUT_S)
+            spawn_ranks(_rank_main, world, (world, os.path.join(tmp, "init"), list(overrides),
+                                            steps, warmup, seed, tmp),
+                        TIMEOUT_S, "bench --distributed")
             per_rank = [json.loads(open(os.path.join(tmp, f"{r}.json")).read())
                         for r in range(world)]
         step_s = [max(r[i]["step_s"] for r in per_rank) for i in range(steps)]
