@@ -16,13 +16,7 @@ from divmoe.train import load_config
 from divmoe.train.checkpoint import save_checkpoint
 from divmoe.train.loop import evaluate
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models step by step: one thread is faster, and does not spin against other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.seq_len=24",

@@ -25,6 +25,7 @@ from divmoe.train import load_config, train
 from divmoe.train.loop import _placement
 
 from spawn import run_ranks
+from test_distributed_train import _flat
 
 needs_scipy = pytest.mark.skipif(importlib.util.find_spec("scipy") is None,
                                  reason="the MILP needs scipy (the placement extra)")
@@ -266,14 +267,6 @@ def _train_rank(rank, world, out, settings, held_file):
 
 def _rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _flat(v):
-    if isinstance(v, dict):
-        return [x for k in sorted(v) for x in _flat(v[k])]
-    if isinstance(v, list):
-        return [x for item in v for x in _flat(item)]
-    return [float(v)]
 
 
 def test_placed_two_rank_run_equals_single_process(tmp_path):

@@ -14,13 +14,7 @@ from divmoe.routing import TopKRouter
 
 from test_generate import VARIANTS, tiny_model
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models step by step: one thread is faster, and does not spin against other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LOSS_FREE = ["moe.balance=[loss_free_bias,z_loss]"]
