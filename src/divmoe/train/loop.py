@@ -492,7 +492,7 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
                **ev.row,
                # MaxVio_batch of Loss-Free Balancing: each training step's whole batch, mean
                # over the steps since the last evaluation (and over MoE layers)
-               "train_max_vio": (state["train_max_vio_sum"] / state["loss_count"]
+               "train_max_vio": (float(state["train_max_vio_sum"]) / state["loss_count"]
                                  if state["loss_count"] and model.moe_layers else None),
                "tokens_per_s": state["tokens_seen"] / state["train_time"] if state["train_time"] else None,
                "elapsed_s": state["elapsed"], "lr": lr_at(max(state["step"] - 1, 0), cfg),
@@ -538,8 +538,8 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
                 raise FloatingPointError(f"{exc} at step {step}; the last checkpoint in "
                                          f"{run_dir} is intact (lower train.lr?)") from None
             ce_mean = float(result.loss)
-            if result.load_LE.numel():
-                state["train_max_vio_sum"] += float(batch_max_vio(result.load_LE))
+            if result.load_LE.numel():  # a tensor until the row: no host read per step
+                state["train_max_vio_sum"] = state["train_max_vio_sum"] + batch_max_vio(result.load_LE)
             state["step"] += 1
             state["loss_sum"] += ce_mean
             state["loss_count"] += 1
