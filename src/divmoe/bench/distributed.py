@@ -43,6 +43,7 @@ def _rank_main(rank: int, world: int, init_file: str, overrides: list[str], step
     from ..train import load_config
     from ..train.loop import build_optimizer
     from ..train.step import train_step
+    from .train import random_batches
 
     torch.set_num_threads(1)
     cfg = load_config(None, list(overrides))
@@ -58,9 +59,7 @@ def _rank_main(rank: int, world: int, init_file: str, overrides: list[str], step
         model.shard_experts(ranks.expert_group, None)
     model.train()
     optimizer = build_optimizer(model, cfg)
-    B, S, V = cfg.train.batch_size, cfg.model.seq_len, cfg.model.vocab_size
-    g = torch.Generator().manual_seed(seed)
-    batches = [torch.randint(0, V, (B, S + 1), generator=g) for _ in range(4)]
+    batches = random_batches(cfg, seed)
     rows = []
     for i in range(warmup + steps):
         batch = batches[i % len(batches)]
@@ -84,12 +83,10 @@ def bench_distributed(overrides: list[str], worlds: list[int], steps: int, warmu
     """One row per W: medians over the timed steps (per step the slowest rank's step time,
     the ranks' mean all-to-all time, bytes per rank)."""
     from ..train import load_config
+    from .train import model_shape
 
     cfg = load_config(None, list(overrides))
-    out = {"config": {"overrides": list(overrides), "batch_size": cfg.train.batch_size,
-                      "seq_len": cfg.model.seq_len, "d_model": cfg.model.d_model,
-                      "n_layers": cfg.model.n_layers, "num_experts": cfg.moe.num_experts,
-                      "top_k": cfg.moe.top_k, "expert_hidden": cfg.moe.expert_hidden},
+    out = {"config": model_shape(cfg, overrides),
            "steps": steps, "warmup": warmup, "threads_per_rank": 1, "cpus": os.cpu_count(),
            "worlds": []}
     tokens = cfg.train.batch_size * cfg.model.seq_len

@@ -21,6 +21,21 @@ from ..models import MoETransformer
 from ..train.step import train_step
 
 
+def model_shape(cfg, overrides: list[str]) -> dict:
+    """What a training benchmark's JSON says about the model it stepped."""
+    return {"overrides": list(overrides), "batch_size": cfg.train.batch_size,
+            "seq_len": cfg.model.seq_len, "d_model": cfg.model.d_model,
+            "n_layers": cfg.model.n_layers, "num_experts": cfg.moe.num_experts,
+            "top_k": cfg.moe.top_k, "expert_hidden": cfg.moe.expert_hidden}
+
+
+def random_batches(cfg, seed: int, n: int = 4) -> list[torch.Tensor]:
+    """``n`` global batches [batch_size, seq_len + 1] of random byte tokens (seeded)."""
+    B, S, V = cfg.train.batch_size, cfg.model.seq_len, cfg.model.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, V, (B, S + 1), generator=g) for _ in range(n)]
+
+
 def timed_step(model, optimizer, tokens, grad_clip: float) -> float:
     """Seconds of one ``divmoe train`` step (:func:`divmoe.train.train_step`) on one batch."""
     cuda = tokens.is_cuda
@@ -47,9 +62,8 @@ def bench_train(overrides: list[str], steps: int, warmup: int, seed: int, log,
         model.train()
         models[name] = (model, build_optimizer(model, cfg))
     cfg.model.moe = True
-    B, S, V = cfg.train.batch_size, cfg.model.seq_len, cfg.model.vocab_size
-    g = torch.Generator().manual_seed(seed)
-    batches = [torch.randint(0, V, (B, S + 1), generator=g).to(device) for _ in range(4)]
+    B, S = cfg.train.batch_size, cfg.model.seq_len
+    batches = [b.to(device) for b in random_batches(cfg, seed)]
     times = {n: [] for n in models}
     for i in range(warmup + steps):
         for name, (model, opt) in models.items():  # interleaved
@@ -60,11 +74,8 @@ def bench_train(overrides: list[str], steps: int, warmup: int, seed: int, log,
             log(f"  [train] step {i - warmup + 1}/{steps}: "
                 + ", ".join(f"{n}={t[-1] * 1e3:.0f}ms" for n, t in times.items()))
     tokens = B * S
-    out = {"config": {"overrides": list(overrides), "device": str(device), "batch_size": B,
-                      "seq_len": S, "dispatch": cfg.moe.dispatch,
-                      "d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers,
-                      "num_experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k,
-                      "expert_hidden": cfg.moe.expert_hidden, "balance": list(cfg.moe.balance)},
+    out = {"config": {**model_shape(cfg, overrides), "device": str(device),
+                      "dispatch": cfg.moe.dispatch, "balance": list(cfg.moe.balance)},
            "steps": steps, "warmup": warmup, "tokens_per_step": tokens, "models": {}}
     for name, (model, _) in models.items():
         med = statistics.median(times[name])
