@@ -29,12 +29,19 @@ def with_bias(model, seed=3):
     return model
 
 
-def capture_plans(model):
-    """Forward hook recording the plan every router returns (after any rerouting hook)."""
+@torch.no_grad()
+def plans_of(model, tokens):
+    """The plan every router returns in one forward of ``tokens`` (hooked after any rerouting
+    hook already in place, so it sees the rerouted plan)."""
     plans = []
     handles = [model.blocks[i].mlp.router.register_forward_hook(
         lambda mod, args, out: plans.append(out)) for i in model.moe_layers]
-    return plans, handles
+    try:
+        model(tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    return plans
 
 
 def val_windows(n=6, seq=24, seed=5):
@@ -48,17 +55,10 @@ def val_windows(n=6, seq=24, seed=5):
 def test_scmoe_weak_pass_sends_each_token_to_its_expert_of_that_rank(variant):
     model = with_bias(tiny_model(VARIANTS[variant] + LOSS_FREE)[0])
     tokens = torch.randint(0, 256, (2, 10))
-    plain_plans, handles = capture_plans(model)
-    with torch.no_grad():
-        model(tokens)
-    for h in handles:
-        h.remove()
+    plain_plans = plans_of(model, tokens)
     for rank in (1, 2):
-        with torch.no_grad(), rerouted(model, rank_pick(rank)):
-            plans, handles = capture_plans(model)  # after the rerouting hook: sees its plan
-            model(tokens)
-        for h in handles:
-            h.remove()
+        with rerouted(model, rank_pick(rank)):
+            plans = plans_of(model, tokens)
         router = model.blocks[model.moe_layers[0]].mlp.router
         base, weak = plain_plans[0], plans[0]  # the first MoE layer sees the same input
         bias = model.blocks[model.moe_layers[0]].mlp.balancer.selection_bias_E
@@ -111,17 +111,10 @@ def test_scmoe_scores_contrast_strong_against_weak():
 def test_roe_at_tau_zero_routes_exactly_as_the_router(variant):
     model = with_bias(tiny_model(VARIANTS[variant] + LOSS_FREE)[0])
     tokens = torch.randint(0, 256, (3, 10))
-    base, handles = capture_plans(model)
-    with torch.no_grad():
-        model(tokens)
-    for h in handles:
-        h.remove()
+    base = plans_of(model, tokens)
     roe = Roster(1, 0.0, seed=1)
-    with torch.no_grad(), rerouted(model, roe.pick):
-        plans, handles = capture_plans(model)
-        model(tokens)
-    for h in handles:
-        h.remove()
+    with rerouted(model, roe.pick):
+        plans = plans_of(model, tokens)
     assert len(plans) == len(base) == len(model.moe_layers)
     for a, b in zip(base, plans):
         assert torch.equal(a.expert_ids_TK, b.expert_ids_TK)
