@@ -37,6 +37,14 @@ def _as_tensor(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
+def _encode(data: bytes, tokenizer) -> torch.Tensor:
+    """Token ids of a UTF-8 stream: its bytes (uint8) without a tokenizer or with bytes, else
+    the tokenizer's ids (int32: a corpus of BPE ids in int64 would double the memory)."""
+    if tokenizer is None or tokenizer.name == "bytes":
+        return _as_tensor(data)
+    return tokenizer.encode_tensor(data.decode("utf-8", errors="ignore")).to(torch.int32)
+
+
 def mixture_weights(
     sizes: Mapping[str, int],
     temperature: float = 1.0,
@@ -97,6 +105,9 @@ class MixtureSampler:
     rows come from it (domain-homogeneous micro-batches: the setting where global-batch
     balancing differs from micro-batch balancing, Qiu et al. 2025); the mixture then holds
     over batches instead of rows.
+
+    ``tokenizer`` (default bytes): windows are ``seq_len + 1`` of its tokens, and a domain's size
+    (for the weights by size) is its number of tokens.
     """
 
     def __init__(
@@ -107,6 +118,7 @@ class MixtureSampler:
         weights: Mapping[str, float] | None = None,
         temperature: float = 1.0,
         batch_domains: str = "mixed",
+        tokenizer=None,
     ):
         if int(seq_len) != seq_len or seq_len < 1:
             raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
@@ -116,7 +128,7 @@ class MixtureSampler:
         self.batch_domains = batch_domains
         self.seq_len = int(seq_len)
         self.seed = int(seed)
-        streams = _domain_streams(docs)
+        streams = {d: _encode(b, tokenizer) for d, b in _domain_streams(docs).items()}
         if not streams:
             raise ValueError("MixtureSampler needs at least one document")
         self.domain_names: tuple[str, ...] = tuple(streams)
@@ -124,7 +136,7 @@ class MixtureSampler:
         self.weights: dict[str, float] = mixture_weights(self.stream_sizes, temperature=temperature, weights=weights)
         self.probs = torch.tensor([self.weights[d] for d in self.domain_names], dtype=torch.float64)
         self._check_lengths()
-        self._data = torch.cat([_as_tensor(streams[d]) for d in self.domain_names])
+        self._data = torch.cat([streams[d] for d in self.domain_names])
         sizes = torch.tensor([self.stream_sizes[d] for d in self.domain_names], dtype=torch.int64)
         self._offsets = torch.cumsum(sizes, 0) - sizes
         # number of valid window starts per domain (0 for domains never sampled and too short)
@@ -135,7 +147,7 @@ class MixtureSampler:
         for d in self.domain_names:
             if self.weights[d] > 0 and self.stream_sizes[d] < self.seq_len + 1:
                 raise ValueError(
-                    f"domain {d!r} has {self.stream_sizes[d]} bytes, fewer than seq_len + 1 = {self.seq_len + 1}"
+                    f"domain {d!r} has {self.stream_sizes[d]} tokens, fewer than seq_len + 1 = {self.seq_len + 1}"
                 )
 
     def set_weights(self, weights: Mapping[str, float]) -> None:
@@ -188,14 +200,16 @@ class MixtureSampler:
         return f"MixtureSampler(seq_len={self.seq_len}, seed={self.seed}, weights={{{w}}})"
 
 
-def validation_set(docs: list[Document], seq_len: int, max_bytes_per_domain: int) -> dict[str, torch.Tensor]:
+def validation_set(docs: list[Document], seq_len: int, max_bytes_per_domain: int,
+                   tokenizer=None) -> dict[str, torch.Tensor]:
     """Fixed evaluation windows per domain: ``{domain: LongTensor [N, seq_len + 1]}``.
 
     Each domain's stream (documents sorted by id, joined by
-    :data:`DOC_SEPARATOR`) is truncated to ``max_bytes_per_domain`` bytes and cut
-    into consecutive windows with stride ``seq_len``: window ``i`` covers bytes
-    ``[i*seq_len, (i+1)*seq_len]``, so the predicted targets (``w[:, 1:]``) do not
-    overlap and every byte after the first is scored exactly once.  Deterministic.
+    :data:`DOC_SEPARATOR`) is truncated to ``max_bytes_per_domain`` bytes, encoded with
+    ``tokenizer`` (default bytes) and cut into consecutive windows with stride ``seq_len``:
+    window ``i`` covers tokens ``[i*seq_len, (i+1)*seq_len]``, so the predicted targets
+    (``w[:, 1:]``) do not overlap and every token after the first is scored exactly once.
+    Deterministic.
     """
     if int(seq_len) != seq_len or seq_len < 1:
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
@@ -203,10 +217,11 @@ def validation_set(docs: list[Document], seq_len: int, max_bytes_per_domain: int
         raise ValueError(f"max_bytes_per_domain ({max_bytes_per_domain}) must be >= seq_len + 1 ({seq_len + 1})")
     out = {}
     for dom, data in _domain_streams(docs).items():
-        stream = _as_tensor(data[: int(max_bytes_per_domain)])
+        stream = _encode(data[: int(max_bytes_per_domain)], tokenizer)
         n = (stream.numel() - 1) // seq_len
         if n < 1:
-            raise ValueError(f"domain {dom!r} has only {stream.numel()} bytes, fewer than seq_len + 1 = {seq_len + 1}")
+            raise ValueError(f"domain {dom!r} has only {stream.numel()} tokens in its first "
+                             f"{max_bytes_per_domain} bytes, fewer than seq_len + 1 = {seq_len + 1}")
         idx = torch.arange(n, dtype=torch.int64).unsqueeze(1) * seq_len + torch.arange(seq_len + 1)
         out[dom] = stream[idx].long()
     return out

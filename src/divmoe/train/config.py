@@ -10,6 +10,7 @@ import yaml
 
 from ..config import ConfigError, apply_overrides, from_dict, option, validate
 from ..data.mixture import BATCH_DOMAINS
+from ..data.tokenizer import TOKENIZERS
 from ..layer import MoEConfig
 from ..models import ModelConfig
 
@@ -23,6 +24,12 @@ class DataConfig:
                                 help="mixed = every sequence draws its domain; single = every "
                                      "micro-batch draws one domain for all its sequences "
                                      "(domain-homogeneous micro-batches)")
+    tokenizer: str = option("bytes", choices=TOKENIZERS,
+                            help="bytes = one token per UTF-8 byte; bpe = a byte-level BPE of "
+                                 "bpe_vocab tokens learned on the training split when the run "
+                                 "starts, saved as tokenizer.json in the run folder (model."
+                                 "vocab_size is set from it); val_bpb stays bits per byte")
+    bpe_vocab: int = option(2048, min=257, help="bpe: vocabulary size (256 bytes + merges)")
     val_bytes_per_domain: int = option(32768, min=1, help="validation bytes per domain per eval")
     corpus: Optional[str] = option(None, help="the user's corpus: a folder of per-domain subfolders, "
                                               "a .yaml of domain: glob, or a .jsonl of text+domain "

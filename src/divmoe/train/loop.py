@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ..config import ConfigError, dump_yaml, to_dict
 from ..data.dynamic_mix import DynamicMixer
 from ..data.mixture import MixtureSampler, unigram_entropy_bits, validation_set
+from ..data.tokenizer import run_tokenizer
 from ..data.user_corpus import load_splits
 from ..diagnostics import expert_output_vendi
 from ..diagnostics.specialization import conditional_mutual_information_bits
@@ -129,8 +130,14 @@ def _token_expert_counts(tokens_BS: torch.Tensor, expert_ids_TK: torch.Tensor, V
 
 
 @torch.no_grad()
+def _target_bytes(chunk: torch.Tensor, token_bytes: torch.Tensor | None) -> int:
+    """Bytes the window batch's targets stand for (one per token without a table: bytes)."""
+    targets = chunk[:, 1:]
+    return targets.numel() if token_bytes is None else int(token_bytes[targets].sum())
+
+
 def _causal_bpb(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: int, ranks,
-                batch_row: dict) -> dict:
+                batch_row: dict, token_bytes: torch.Tensor | None) -> dict:
     """``val_bpb_causal`` (and per domain): validation bpb with every token routed from
     itself and its prefix (:func:`~divmoe.routing.causal_routing`). Batch-dependent routers
     (expert choice, Sinkhorn, soft merging) need this second pass; for every other model it
@@ -140,7 +147,7 @@ def _causal_bpb(model: MoETransformer, val: dict[str, torch.Tensor], batch_size:
                 "val_bpb_causal_by_domain": dict(batch_row["val_bpb_by_domain"])}
     model.eval()
     domains = sorted(val)
-    sums = torch.zeros(len(domains), 2, dtype=torch.float64)  # (loss · tokens, tokens)
+    sums = torch.zeros(len(domains), 2, dtype=torch.float64)  # (loss · tokens, bytes)
     with causal_routing(model):
         for di, d in enumerate(domains):
             for chunk in val[d].split(batch_size):
@@ -149,7 +156,8 @@ def _causal_bpb(model: MoETransformer, val: dict[str, torch.Tensor], batch_size:
                 out = model(chunk[:, :-1], chunk[:, 1:])  # every rank runs (expert all-to-all)
                 if chunk.shape[0]:  # a rank may hold none of a short batch (its mean is NaN)
                     sums[di] += torch.tensor([float(out.loss) * chunk[:, 1:].numel(),
-                                              chunk[:, 1:].numel()], dtype=torch.float64)
+                                              _target_bytes(chunk, token_bytes)],
+                                             dtype=torch.float64)
     model.train()
     if ranks is not None:
         sums = ranks.sum(sums)
@@ -160,8 +168,11 @@ def _causal_bpb(model: MoETransformer, val: dict[str, torch.Tensor], batch_size:
 
 @torch.no_grad()
 def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: int,
-             probe_tokens_per_domain: int = 256, ranks=None) -> Evaluation:
-    """Validation loss per domain (bits per byte: the tokenizer is byte-level) with the
+             probe_tokens_per_domain: int = 256, ranks=None,
+             token_bytes: torch.Tensor | None = None) -> Evaluation:
+    """Validation loss per domain (``val_loss`` in nats per token; ``val_bpb`` in bits per
+    byte of the text, each target token counting the bytes ``token_bytes[id]`` it stands for,
+    one without the table: bytes) with the
     routers' batch rule and with causal routing (``val_bpb_causal``), MaxVio (mean
     over the single-domain validation batches, and ``max_vio_pooled`` over the whole set),
     loads, ``mi_given_token_bits`` (I(expert; domain | token),
@@ -178,6 +189,7 @@ def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: in
     L, E = len(moe_layers), model.moe_config.num_experts
     loss_sum = {d: 0.0 for d in domains}
     tokens = {d: 0 for d in domains}
+    nbytes = {d: 0 for d in domains}
     counts_LED = torch.zeros(L, E, len(domains), dtype=torch.int64)
     V = model.config.vocab_size
     counts_LVED = torch.zeros(L, V * E, len(domains), dtype=torch.int64)  # by input token id
@@ -191,6 +203,7 @@ def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: in
             if chunk.shape[0]:  # a rank may hold none of a short batch (its mean is NaN)
                 loss_sum[d] += float(out.loss) * chunk[:, 1:].numel()
                 tokens[d] += chunk[:, 1:].numel()
+                nbytes[d] += _target_bytes(chunk, token_bytes)
             load_LE = torch.zeros(L, E, dtype=torch.float64)
             for li, s in enumerate(out.stats):
                 counts_LED[li, :, di] += count_per_expert(s.expert_ids, E)  # chosen experts
@@ -205,18 +218,20 @@ def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: in
             vio_batches += 1
     model.train()
     if ranks is not None:
-        sums = ranks.sum(torch.tensor([[loss_sum[d], tokens[d]] for d in domains],
+        sums = ranks.sum(torch.tensor([[loss_sum[d], tokens[d], nbytes[d]] for d in domains],
                                       dtype=torch.float64))
         loss_sum = {d: float(sums[i, 0]) for i, d in enumerate(domains)}
         tokens = {d: int(sums[i, 1]) for i, d in enumerate(domains)}
+        nbytes = {d: int(sums[i, 2]) for i, d in enumerate(domains)}
         counts_LED = ranks.sum(counts_LED)
         if L:
             counts_LVED = ranks.sum(counts_LVED)
         act_sum, act_tokens = ranks.sum(act_sum), ranks.sum(act_tokens)
-    bpb = {d: loss_sum[d] / tokens[d] / LN2 for d in domains}
+    bpb = {d: loss_sum[d] / nbytes[d] / LN2 for d in domains}
     val_loss = sum(loss_sum.values()) / sum(tokens.values())
-    row = {"val_loss": val_loss, "val_bpb": val_loss / LN2, "val_bpb_by_domain": bpb}
-    row.update(_causal_bpb(model, val, batch_size, ranks, row))
+    row = {"val_loss": val_loss, "val_bpb": sum(loss_sum.values()) / sum(nbytes.values()) / LN2,
+           "val_bpb_by_domain": bpb}
+    row.update(_causal_bpb(model, val, batch_size, ranks, row, token_bytes))
     if not L:
         row["max_vio"] = None
         return Evaluation(row)
@@ -367,6 +382,8 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
             # Only the length of the run may change on resume; anything else would not be a resume.
             a, b = to_dict(config), to_dict(saved)
             a["train"]["steps"] = b["train"]["steps"]
+            if b["data"]["tokenizer"] != "bytes":  # set from the run's tokenizer.json
+                a["model"]["vocab_size"] = b["model"]["vocab_size"]
             if a != b:
                 raise ConfigError("--resume: the configuration differs from the saved "
                                   f"{run_dir / 'config.yaml'}; only train.steps may change "
@@ -387,6 +404,10 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
     if cfg.parallel.placement and (ranks is None or ranks.expert == 1):
         raise ConfigError("parallel.placement applies under torchrun with parallel.expert > 1")
 
+    train_docs, val_docs = load_splits(cfg.data.corpus, cfg.model.seq_len, cfg.data.val_fraction)
+    tokenizer = run_tokenizer(run_dir, cfg.data, (d.text for d in train_docs), write=writer)
+    if cfg.data.tokenizer != "bytes":
+        cfg.model.vocab_size = tokenizer.vocab_size
     torch.manual_seed(cfg.train.seed)
     model = MoETransformer(cfg.model, cfg.moe)
     optimizer = build_optimizer(model, cfg)
@@ -424,7 +445,6 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
     if ranks is not None:
         ranks.agree(lambda: None)  # every rank has read the run folder before rank 0 writes it
     on_writer(atomic_write_text, run_dir / "config.yaml", dump_yaml(cfg))
-    train_docs, val_docs = load_splits(cfg.data.corpus, cfg.model.seq_len, cfg.data.val_fraction)
     names = sorted({d.domain for d in train_docs})
     unknown = sorted(set(cfg.data.weights or {}) - set(names))
     if unknown:
@@ -432,9 +452,9 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
                           f"allowed domains: {', '.join(names)}")
     sampler = MixtureSampler(train_docs, cfg.model.seq_len, seed=cfg.train.seed,
                              weights=cfg.data.weights, temperature=cfg.data.temperature,
-                             batch_domains=cfg.data.batch_domains)
+                             batch_domains=cfg.data.batch_domains, tokenizer=tokenizer)
     mixer = DynamicMixer(sampler, cfg.data, model) if cfg.data.mixing == "dynamic" else None
-    val = validation_set(val_docs, cfg.model.seq_len, cfg.data.val_bytes_per_domain)
+    val = validation_set(val_docs, cfg.model.seq_len, cfg.data.val_bytes_per_domain, tokenizer)
 
     if resume:
         torch.set_rng_state(state.pop("rng"))  # here, where the uninterrupted run's RNG stands
@@ -486,7 +506,8 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
         return per_token
 
     def run_eval():
-        ev = evaluate(model, val, cfg.train.eval_batch_size, ranks=ranks)
+        ev = evaluate(model, val, cfg.train.eval_batch_size, ranks=ranks,
+                      token_bytes=tokenizer.token_bytes)
         row = {"step": state["step"],
                "train_loss": state["loss_sum"] / state["loss_count"] if state["loss_count"] else None,
                **ev.row,
