@@ -9,6 +9,7 @@ models spend the same active FLOPs per token.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
@@ -31,6 +32,11 @@ class ModelConfig:
     seq_len: int = option(128, min=1, help="context length in tokens")
     moe: bool = option(True, help="MoE MLPs; false = dense baseline with equal active params")
     moe_every: int = option(1, min=1, help="every n-th block has an MoE MLP (the rest dense)")
+    paired_init: bool = option(False, help="draw each embedding, attention, router and dense "
+                                           "weight from a generator seeded by (torch seed, its "
+                                           "name): variants that change the experts' shapes "
+                                           "still start every other part from the same weights "
+                                           "(paired studies)")
 
     def check(self, prefix: str = "") -> None:
         if self.d_model % self.n_heads:
@@ -114,6 +120,11 @@ class Block(nn.Module):
         return x + self.mlp(h), None, None
 
 
+def _named_generator(seed: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"divmoe.init:{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
 class MoETransformer(nn.Module):
     def __init__(self, mc: ModelConfig, moe_cfg: MoEConfig):
         super().__init__()
@@ -126,10 +137,21 @@ class MoETransformer(nn.Module):
         cos, sin = rope_tables(mc.seq_len, mc.d_model // mc.n_heads)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init)
+        if mc.paired_init:
+            seed = torch.initial_seed()
+            for name, m in self.named_modules():
+                if isinstance(m, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(m.weight, std=0.02, generator=_named_generator(seed, name))
+                elif type(m).__module__.startswith("divmoe.experts."):  # expert weights too
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(_named_generator(seed, name).initial_seed())
+                        m.reset_parameters()
+        else:
+            self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2 style scaled residual projections
             if name.endswith(("proj.weight", "w_out.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * mc.n_layers))
+                g = _named_generator(torch.initial_seed(), name) if mc.paired_init else None
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * mc.n_layers), generator=g)
 
     @staticmethod
     def _init(m):
