@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, apply_overrides, to_dict
+from ..config import ConfigError, apply_overrides
 from ..files import check_output_folder
 from ..train import load_config, train
+from ..train.config import same_run
 from ..train.checkpoint import checkpoint_candidates
 
 
@@ -123,10 +124,7 @@ def train_variant(out: Path, variant: Variant, base: list[str] = (), progress: b
     cfg = variant.resolve(base)
     run = Path(out) / variant.name
     if (run / "config.yaml").exists():
-        saved = load_config(run / "config.yaml")
-        a, b = to_dict(cfg), to_dict(saved)
-        a["train"]["steps"] = b["train"]["steps"]  # a longer budget resumes the run
-        if a != b:
+        if not same_run(cfg, load_config(run / "config.yaml")):  # a longer budget resumes it
             raise ConfigError(f"{run} holds a run of a different configuration than variant "
                               f"{variant.name!r}; choose another --out or remove that folder")
     if _finished(run, cfg.train.steps):

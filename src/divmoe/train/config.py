@@ -8,7 +8,7 @@ from typing import Optional
 
 import yaml
 
-from ..config import ConfigError, apply_overrides, from_dict, option, validate
+from ..config import ConfigError, apply_overrides, from_dict, option, to_dict, validate
 from ..data.mixture import BATCH_DOMAINS
 from ..data.tokenizer import TOKENIZERS
 from ..layer import MoEConfig
@@ -121,3 +121,15 @@ def _merge(a: dict, b: dict) -> dict:
     for k, v in b.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def same_run(a: RunConfig, b: RunConfig) -> bool:
+    """Whether ``a`` continues the run of ``b``: equal but for its length (``train.steps``), its
+    process layout (``parallel``) and, with a BPE, ``model.vocab_size`` (set from the run's
+    tokenizer.json when it started)."""
+    da, db = to_dict(a), to_dict(b)
+    for d in (da, db):
+        d["train"]["steps"] = d["parallel"] = None
+        if d["data"]["tokenizer"] != "bytes":
+            d["model"]["vocab_size"] = None
+    return da == db

@@ -45,7 +45,7 @@ from ..balance.loss_free import max_vio
 from ..routing import Router, causal_routing
 from ..routing.plan import count_per_expert
 from .checkpoint import checkpoint_candidates, load_latest, save_checkpoint
-from .config import ParallelConfig, RunConfig, load_config
+from .config import ParallelConfig, RunConfig, load_config, same_run
 from .run_folder import RunError, locked_run
 from .step import batch_max_vio, train_step
 from .tensorboard import ScalarLog, tensorboard_available
@@ -380,11 +380,7 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
         saved.parallel = parallel  # the process layout may change on resume
         if config is not None and to_dict(config) != to_dict(saved):
             # Only the length of the run may change on resume; anything else would not be a resume.
-            a, b = to_dict(config), to_dict(saved)
-            a["train"]["steps"] = b["train"]["steps"]
-            if b["data"]["tokenizer"] != "bytes":  # set from the run's tokenizer.json
-                a["model"]["vocab_size"] = b["model"]["vocab_size"]
-            if a != b:
+            if not same_run(config, saved):
                 raise ConfigError("--resume: the configuration differs from the saved "
                                   f"{run_dir / 'config.yaml'}; only train.steps may change "
                                   f"(and parallel.*, the process layout)")
