@@ -1,287 +1,203 @@
-"""The built-in ``seed-claims`` study: re-run, at small scale, the claims listed in ALGORITHMS.md.
+"""The ``seed-claims`` study: what it trains and how each claim of ALGORITHMS.md is decided.
 
-Every variant trains the same small byte-level LM on the embedded 4-domain corpus with the
-same data order, seed and token budget (``BASE`` / ``QUICK``); with ``seeds=2`` every variant
-runs under train.seed 0 and 1 (weights and data order both change with the seed) and the
-verdicts look at the paired per-seed differences.
+Everything here is fixed before the runs: the presets, the variants, the metric each claim is
+judged by, the smallest effect that counts as reproducing it and the non-inferiority margins.
+:mod:`.claims_study` runs it, :mod:`.claims_stats` computes the paired intervals and
+:mod:`.claims_report` writes the page.
 
-Verdict rules (``judge_*``):
-  * a directional claim ("lower MaxVio", "higher MI", "fewer steps") is *reproduced* when the
-    paired difference has the claimed sign for every seed and the mean difference is larger
-    than the tolerance (0, except activated params: 1% of the baseline's); *not reproduced* when it has the opposite sign for every seed (or is
-    within tolerance for every seed: no effect); *inconclusive* when seeds disagree;
-  * a "no worse / similar val loss" side condition holds when every seed's paired val-bpb
-    difference is ≤ 0.02 bpb, or the mean difference is within the noise tolerance
-    max(0.02 bpb, 2 × the largest seed-to-seed spread of the runs compared) and that
-    tolerance is ≤ 0.1 bpb (with more seed noise the mean says nothing: *unclear*);
-  * a claim is reproduced when its main part is reproduced and its side condition holds, not
-    reproduced when the main part is not reproduced or the side condition clearly fails
-    (val bpb worse by more than the tolerance for every seed), inconclusive otherwise.
+Pairing: every variant of seed s trains with ``train.seed=s`` (the same data order) and
+``model.paired_init=true`` (every part whose shape a variant leaves alone starts from the same
+weights). The two gradient-accumulation variants are paired with each other (their batches are
+built differently from everybody else's).
+
+Final numbers of a run: the full validation split (every validation byte of every domain)
+evaluated at the last two checkpoints (the last two evaluations) and averaged; MaxVio on
+training batches from the last two metrics rows.
 """
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
-from ..files import check_output_folder
-from .runner import (Variant, markdown_table, train_variant, variant_summary, write_report_html,
-                     TABLE_NOTES)
+from .runner import Variant
 
-# ~1 min per run on one core: 2 MoE layers of 8 SwiGLU experts, d=64, 64-byte context.
-BASE = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.seq_len=64",
-        "moe.num_experts=8", "moe.top_k=2", "moe.expert_hidden=64",
-        "train.steps=400", "train.batch_size=16", "train.eval_every=25", "train.warmup_steps=20",
-        "train.eval_batch_size=64", "data.val_bytes_per_domain=4096", "train.threads=1"]
-QUICK = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.seq_len=32",
-         "moe.num_experts=4", "moe.top_k=2", "moe.expert_hidden=16",
-         "train.steps=8", "train.batch_size=4", "train.eval_every=4", "train.warmup_steps=2",
-         "train.eval_batch_size=32", "data.val_bytes_per_domain=512", "train.threads=1"]
+# The model and budget. CPU: ~3 min per run on one core; 11 variants × 5 seeds in two
+# single-thread processes is about 1.5 h on a 2-core machine.
+PRESETS: dict[str, list[str]] = {
+    "cpu": ["data.tokenizer=bpe", "data.bpe_vocab=2048", "model.d_model=128",
+            "model.n_layers=4", "model.n_heads=4", "model.seq_len=64", "model.paired_init=true",
+            "moe.num_experts=8", "moe.top_k=2", "moe.expert_hidden=128",
+            "train.steps=900", "train.batch_size=16", "train.eval_every=100",
+            "train.warmup_steps=30", "train.eval_batch_size=64",
+            "data.val_bytes_per_domain=8192", "train.threads=1"],
+    # Plumbing for the tests: a few steps of a tiny model, verdicts mean nothing.
+    "quick": ["data.tokenizer=bpe", "data.bpe_vocab=320", "model.d_model=16",
+              "model.n_layers=1", "model.n_heads=2", "model.seq_len=16", "model.paired_init=true",
+              "moe.num_experts=4", "moe.top_k=2", "moe.expert_hidden=16",
+              "train.steps=8", "train.batch_size=4", "train.eval_every=4",
+              "train.warmup_steps=2", "train.eval_batch_size=32",
+              "data.val_bytes_per_domain=512", "train.threads=1"],
+}
+DEFAULT_SEEDS = {"cpu": 5, "quick": 2}
+#: validation bytes per domain of the final evaluation: more than any domain holds (all of it)
+FULL_VALIDATION_BYTES = {"cpu": 1 << 30, "quick": 2048}
 
 
-def _hetero_widths(E: int, h: int) -> str:
-    """Widths with mean h (so the expected activated params equal the homogeneous pool's):
-    pairs (h/2, 3h/2), (3h/4, 5h/4) repeated."""
+def _settings(preset: str) -> dict[str, str]:
+    return dict(kv.split("=", 1) for kv in PRESETS[preset])
+
+
+def hetero_widths(E: int, h: int) -> list[int]:
+    """Widths with mean h (the same parameter count as the homogeneous pool): pairs
+    (h/2, 3h/2), (3h/4, 5h/4) repeated."""
     pattern = [h // 2, 3 * h // 2, 3 * h // 4, 5 * h // 4]
     widths = [pattern[i % 4] for i in range(E)]
     widths[-1] += E * h - sum(widths)
-    return "[" + ",".join(map(str, widths)) + "]"
+    return widths
 
 
-def variants(quick: bool = False) -> list[Variant]:
-    base = QUICK if quick else BASE
-    opts = dict(kv.split("=", 1) for kv in base)
-    E, h, bs = int(opts["moe.num_experts"]), int(opts["moe.expert_hidden"]), int(opts["train.batch_size"])
-    ga = 4 if bs % 4 == 0 else 2
+def variants(preset: str = "cpu") -> list[Variant]:
+    s = _settings(preset)
+    E, h, bs = int(s["moe.num_experts"]), int(s["moe.expert_hidden"]), int(s["train.batch_size"])
+    accum = 4 if bs % 4 == 0 else 2
+    ga = [f"train.grad_accum={accum}", f"train.batch_size={bs // accum}",
+          "data.batch_domains=single"]
     return [
-        Variant("topk", []),
-        Variant("loss_free_bias", ["moe.balance=[z_loss, loss_free_bias]"]),
-        Variant("ga_micro_batch", [f"train.grad_accum={ga}", f"train.batch_size={bs // ga}",
-                                   "moe.aux_loss_scope=micro_batch"]),
-        Variant("ga_global_batch", [f"train.grad_accum={ga}", f"train.batch_size={bs // ga}",
-                                    "moe.aux_loss_scope=global_batch"]),
+        Variant("topk", []),   # softmax top-2, aux_loss + z_loss: the library default
+        Variant("sigmoid_aux", ["moe.score_func=sigmoid"]),
+        Variant("loss_free", ["moe.score_func=sigmoid", "moe.balance=[z_loss,loss_free_bias]"]),
+        Variant("ga_micro", ga + ["moe.aux_loss_scope=micro_batch"]),
+        Variant("ga_global", ga + ["moe.aux_loss_scope=global_batch",
+                                   "moe.aux_loss_global_counts=counting_pass"]),
         Variant("expert_choice", ["moe.router=expert_choice", "moe.balance=[z_loss]"]),
-        Variant("dynamic_topp", ["moe.router=dynamic_topp", "moe.top_p=0.5"]),
-        Variant("null_experts", ["moe.router=null_experts", "moe.num_null_experts=2",
-                                 "moe.balance=[aux_loss, z_loss, null_usage]"]),
-        Variant("heterogeneous", [f"moe.expert_widths={_hetero_widths(E, h)}"]),
-        Variant("diversity_exclusivity", ["moe.diversity=[exclusivity]"]),
+        Variant("dynamic_topp", ["moe.router=dynamic_topp", "moe.top_p=0.4", f"moe.top_k={E}",
+                                 "moe.balance=[aux_loss,z_loss,routing_entropy]"]),
+        # k raised from 2 to 3 with N = E/2 null experts: AdaMoE's null target N/(E+N) = 1/3
+        # of the slots leaves 2 real experts per token on average, the baseline's expert FLOPs
+        Variant("null_experts", ["moe.router=null_experts", f"moe.num_null_experts={E // 2}",
+                                 "moe.top_k=3", "moe.balance=[aux_loss,z_loss,null_usage]"]),
+        Variant("hetero", ["moe.expert_widths=[" + ",".join(map(str, hetero_widths(E, h))) + "]",
+                           "moe.balance=[aux_loss,z_loss,small_expert_bias]"]),
+        Variant("diversity", ["moe.diversity=[exclusivity]"]),
+        Variant("dpsl", ["moe.balance=[aux_loss,z_loss,dirichlet_prior]"]),
     ]
 
 
-@dataclass
+@dataclass(frozen=True)
+class Part:
+    """One decided quantity of a claim, as a paired difference A − B per seed (or the log of
+    the ratio A / B with ``ratio``, or the log2 speed-up for ``speedup``).
+
+    ``kind``:
+      * ``better``: the claim is that A is better by at least ``delta`` (``lower`` says which
+        way is better). yes = 95% interval excludes 0 on the claimed side and the mean is at
+        least ``delta``; no = the interval excludes every effect ≥ ``delta``; else unclear;
+      * ``no_worse``: non-inferiority with margin ``delta``. holds = the whole interval is
+        within ``delta`` of no difference on the worse side; fails = the whole interval is
+        beyond it; else unclear;
+      * ``equal``: equivalence within ±``delta``. holds = the interval lies inside; fails =
+        it lies wholly outside; else unclear.
+    """
+    metric: str
+    kind: str
+    delta: float
+    lower: bool = True
+    ratio: bool = False
+    label: str = ""
+
+
+@dataclass(frozen=True)
 class Claim:
     number: int
     title: str
     source: str
-    criterion: str
-    variants: tuple[str, str]          # (claimed better, baseline)
+    quote: str                    # the claim as ALGORITHMS.md gives it
+    design: str                   # how this study can show it
+    variants: tuple[str, str]     # (A: the method, B: its baseline)
+    parts: tuple[Part, ...] = field(default_factory=tuple)
 
+
+BPB_MARGIN = 0.02       # non-inferiority margin on val bpb (about 1% of the final bpb)
+BPB_GAIN = 0.01         # the smallest val-bpb improvement that counts as "better loss"
+REL_GAIN = 0.10         # specialisation: the smallest gain, 10% of the baseline's mean
+MAXVIO_GAIN = 0.05      # MaxVio: the smallest reduction that counts as "better balance"
+MAXVIO_EQUAL = 0.10     # "at equal balance": MaxVio within ±0.10 of the baseline's
+
+_bpb_no_worse = Part("val_bpb", "no_worse", BPB_MARGIN, label="val bpb")
+_bpb_better = Part("val_bpb", "better", BPB_GAIN, label="val bpb")
+_spec_better = Part("mi_given_token_bits", "better", REL_GAIN, lower=False, ratio=True,
+                    label="I(expert; domain | token)")
 
 CLAIMS = [
-    Claim(1, "loss_free_bias vs aux_loss", "Auxiliary-Loss-Free Load Balancing",
-          "MaxVio(loss_free_bias) < MaxVio(topk with aux_loss) and val bpb no worse",
-          ("loss_free_bias", "topk")),
-    Claim(2, "global_batch vs micro_batch aux loss (grad_accum ≥ 2)", "Demons in the Detail",
-          "specialisation MI(global_batch) > MI(micro_batch), same grad_accum and batch",
-          ("ga_global_batch", "ga_micro_batch")),
-    Claim(3, "expert_choice vs topk", "Expert Choice Routing",
-          "steps to reach target val bpb = 1.02 × topk's final val bpb: expert_choice < topk",
-          ("expert_choice", "topk")),
-    Claim(4, "dynamic_topp vs top-2", "Harder Tasks Need More Experts",
-          "activated params(dynamic_topp, p=0.5, k_max=2) < top-2's at similar val bpb",
-          ("dynamic_topp", "topk")),
-    Claim(5, "null_experts vs top-2", "AdaMoE",
-          "activated params(null_experts, 2 null of 10, k=2) < top-2's at similar val bpb",
-          ("null_experts", "topk")),
-    Claim(6, "heterogeneous vs homogeneous experts", "HMoE",
-          "val bpb(heterogeneous, same mean width) < homogeneous with activated params ≤ 1.02 × "
-          "homogeneous's", ("heterogeneous", "topk")),
-    Claim(7, "diversity regulariser on vs off", "MMoEEx",
-          "expert-output Vendi(exclusivity, weight 0.1) > off, val bpb no worse",
-          ("diversity_exclusivity", "topk")),
+    Claim(1, "Loss-free balancing vs aux loss", "Auxiliary-Loss-Free Load Balancing",
+          "better performance and better load balance than aux loss",
+          "sigmoid gating in both arms (the paper's setting); MaxVio on training batches",
+          ("loss_free", "sigmoid_aux"),
+          (Part("train_max_vio", "better", MAXVIO_GAIN, label="MaxVio (training batches)"),
+           _bpb_no_worse)),
+    Claim(2, "Global-batch vs micro-batch aux loss", "Demons in the Detail",
+          "greatly improves the domain specialization of MoE experts (and perplexity)",
+          "4 micro-batches of one domain each per step (data.batch_domains=single); global "
+          "counts from a counting pass over the step",
+          ("ga_global", "ga_micro"), (_spec_better, _bpb_no_worse)),
+    Claim(3, "Expert choice vs top-2", "Expert Choice Routing",
+          "improves training convergence time by more than 2x",
+          "causal evaluation (each token routed from its own scores, val_bpb_causal); speed-up "
+          "= steps top-2 took to its final causal bpb / steps expert choice took to reach it",
+          ("expert_choice", "topk"),
+          (Part("speedup", "better", 1.0, lower=False, label="log2 convergence speed-up"),)),
+    Claim(4, "Dynamic top-p vs top-2", "Harder Tasks Need More Experts",
+          "average improvement of 0.7% with less than 90% activated parameters",
+          "p = 0.4 without a cap (top_k = E) and its entropy loss",
+          ("dynamic_topp", "topk"),
+          (Part("activated_params", "better", 0.10, ratio=True, label="activated params"),
+           _bpb_no_worse)),
+    Claim(5, "Null experts (k raised) vs top-2", "AdaMoE",
+          "reduce FLOPs by 14.5% while increasing accuracy by 1.69%",
+          "k = 3 over 8 real + 4 null experts: 2 real experts per token on average, matched "
+          "expert FLOPs with top-2; the claim at matched FLOPs is the better loss",
+          ("null_experts", "topk"),
+          (_bpb_better, Part("activated_params", "no_worse", 0.02, ratio=True,
+                             label="activated params"))),
+    Claim(6, "Heterogeneous experts vs homogeneous", "HMoE",
+          "lower loss with fewer activated parameters",
+          "widths with the homogeneous mean (equal total parameters) and HMoE's parameter "
+          "penalty (small_expert_bias)",
+          ("hetero", "topk"),
+          (_bpb_better, Part("activated_params", "no_worse", 0.0, ratio=True,
+                             label="activated params"))),
+    Claim(7, "Diversity regulariser on vs off", "MMoEEx",
+          "induce more diversity among experts",
+          "exclusivity at weight 0.1, judged by loss and specialisation (not by the quantity "
+          "it optimises)",
+          ("diversity", "topk"), (_spec_better, _bpb_no_worse)),
+    Claim(8, "DPSL vs aux loss", "DPSL",
+          "controls balance vs. specialisation",
+          "aux_loss + dirichlet_prior against aux_loss alone: more specialisation at equal "
+          "balance",
+          ("dpsl", "topk"),
+          (_spec_better, Part("train_max_vio", "equal", MAXVIO_EQUAL,
+                              label="MaxVio (training batches)"), _bpb_no_worse)),
 ]
 
-BPB_FLOOR = 0.02
-NOISE_MAX = 0.1   # seed noise above this (bpb) cannot establish "similar val loss" from the mean
 
-
-def steps_to(rows: list[dict], target: float) -> float:
-    """First evaluated step whose val bpb ≤ target (inf if never)."""
-    for r in rows:
-        if r["step"] > 0 and r["val_bpb"] <= target:
-            return float(r["step"])
-    return float("inf")
-
-
-def _direction(diffs: list[float], better: int, tol: float) -> str:
-    """``better`` = −1 when lower is the claim, +1 when higher. Returns yes / no / mixed."""
-    signed = [d * better for d in diffs]
-    mean = sum(signed) / len(signed)
-    if all(s > 0 for s in signed) and mean > tol:
-        return "yes"
-    if all(s <= tol for s in signed) and mean <= tol and (all(s < 0 for s in signed) or
-                                                          all(abs(s) <= tol for s in signed)):
-        return "no"
-    return "mixed"
-
-
-def _loss_side(bpb_a: list[float], bpb_b: list[float], tol: float) -> str:
-    """"Val bpb no worse": holds when every seed's paired difference is within the floor, or the
-    mean is within the tolerance and that tolerance is small enough to mean something
-    (≤ NOISE_MAX bpb); fails when every seed is worse beyond the tolerance."""
-    diffs = [a - b for a, b in zip(bpb_a, bpb_b)]
-    mean = sum(diffs) / len(diffs)
-    if all(d <= BPB_FLOOR for d in diffs) or (mean <= tol and tol <= NOISE_MAX):
-        return "holds"
-    if all(d > tol for d in diffs):
-        return "fails"
-    return "unclear"
-
-
-def _bpb_tol(*groups: list[float]) -> float:
-    spread = max((max(g) - min(g) for g in groups if len(g) > 1), default=0.0)
-    return max(BPB_FLOOR, 2 * spread)
-
-
-def judge(claim: Claim, runs: dict[str, list[dict]]) -> dict:
-    """Numbers and verdict of one claim from per-seed summaries ``runs[variant] = [seed0, ...]``."""
-    a_name, b_name = claim.variants
-    A, B = runs[a_name], runs[b_name]
-    bpb_a, bpb_b = [s["val_bpb"] for s in A], [s["val_bpb"] for s in B]
-    tol = _bpb_tol(bpb_a, bpb_b)
-    n = claim.number
-    side = "holds"
-    if n == 1:
-        key, better, mtol, label = "max_vio", -1, 0.0, "MaxVio"
-    elif n == 2:
-        key, better, mtol, label = "mi_bits", +1, 0.0, "MI (bits)"
-        side = None
-    elif n == 3:
-        key, better, mtol, label = "steps_to_target", -1, 0.0, "steps to target"
-        side = None
-    elif n in (4, 5):
-        key, better, mtol, label = "activated_params", -1, 0.0, "activated params"
-    elif n == 6:
-        key, better, mtol, label = "val_bpb", -1, 0.0, "val bpb"
-        side = None
-    else:
-        key, better, mtol, label = "expert_vendi", +1, 0.0, "expert Vendi"
-    if n == 3:
-        for i, (sa, sb) in enumerate(zip(A, B)):
-            target = 1.02 * sb["val_bpb"]
-            sa["steps_to_target"] = steps_to(sa["rows"], target)
-            sb["steps_to_target"] = steps_to(sb["rows"], target)
-    va, vb = [s.get(key) for s in A], [s.get(key) for s in B]
-    if any(v is None for v in va + vb):
-        return {"claim": claim, "verdict": "inconclusive", "numbers": f"{label}: not logged",
-                "a": va, "b": vb}
-    diffs = [x - y for x, y in zip(va, vb)]
-    if n == 3:
-        diffs = [(-1e9 if x < y else 1e9 if x > y else 0.0) if math.isinf(x) or math.isinf(y)
-                 else x - y for x, y in zip(va, vb)]
-    if n in (4, 5):  # a saving counts only beyond 1% of the baseline's activated params
-        mtol = 0.01 * sum(vb) / len(vb)
-    main = _direction(diffs, better, mtol)
-    extra = []
-    if n == 6:  # equal activated params is part of the setting, check it held
-        act_a = [s.get("activated_params") for s in A]
-        act_b = [s.get("activated_params") for s in B]
-        if None not in act_a + act_b:
-            ratio = sum(act_a) / sum(act_b)
-            extra.append(f"activated params ratio {ratio:.3f}")
-            if ratio > 1.02:
-                side = "fails" if main == "yes" else side
-    if side is not None and n != 6:
-        side = _loss_side(bpb_a, bpb_b, tol)
-    if main == "yes" and side in (None, "holds"):
-        verdict = "reproduced"
-    elif main == "no" or side == "fails":
-        verdict = "not reproduced"
-    else:
-        verdict = "inconclusive"
-    fmt = (lambda v: f"{v:.0f}" if n == 3 or v > 100 or math.isinf(v) else f"{v:.3f}")
-    numbers = (f"{label}: {a_name} {', '.join(fmt(v) for v in va)} vs {b_name} "
-               f"{', '.join(fmt(v) for v in vb)}")
-    if n != 6:
-        numbers += (f"; val bpb {', '.join(f'{v:.3f}' for v in bpb_a)} vs "
-                    f"{', '.join(f'{v:.3f}' for v in bpb_b)} (tolerance {tol:.3f})")
-    if n == 3:
-        numbers += "; targets " + ", ".join(f"{1.02 * v:.3f}" for v in bpb_b)
-    if extra:
-        numbers += "; " + "; ".join(extra)
-    return {"claim": claim, "verdict": verdict, "numbers": numbers, "main": main, "side": side}
-
-
-def claims_markdown(results: list[dict]) -> str:
-    lines = ["| # | claim (source) | criterion | numbers (per seed) | verdict |",
-             "|---|---|---|---|---|"]
-    for r in results:
-        c = r["claim"]
-        lines.append(f"| {c.number} | {c.title} ({c.source}) | {c.criterion} | {r['numbers']} "
-                     f"| **{r['verdict']}** |")
-    return "\n".join(lines) + "\n"
-
-
-def run_seed_claims(out: str | Path, quick: bool = False, seeds: int | None = None,
-                    progress: bool = False, log=print, lock: str | Path | None = None) -> dict:
-    """Train every variant for every seed (resumably) into ``OUT/<variant>-s<seed>/``, then write
-    ``OUT/summary.md`` (claims table + per-run table) and ``OUT/report.html``."""
-    out = check_output_folder(out)
-    seeds = seeds if seeds is not None else (1 if quick else 2)
-    base = QUICK if quick else BASE
-    vs = variants(quick)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    per_variant: dict[str, list[dict]] = {v.name: [] for v in vs}
-    all_summaries, trained = [], 0
-    for seed in range(seeds):
-        for v in vs:
-            sv = Variant(f"{v.name}-s{seed}", v.overrides + [f"train.seed={seed}"])
-            t0 = time.perf_counter()
-            how = train_variant(out, sv, base, progress=progress, lock=lock)
-            log(f"{sv.name}: {how} ({time.perf_counter() - t0:.0f} s)")
-            trained += how != "done"
-            s = variant_summary(out / sv.name)
-            per_variant[v.name].append(s)
-            all_summaries.append(s)
-    wall = time.perf_counter() - t_start
-    train_wall = sum(s["wall_time_s"] or 0.0 for s in all_summaries)
-    results = [judge(c, per_variant) for c in CLAIMS]
-    mode = "--quick" if quick else "full"
-    head = (f"# seed-claims study ({mode})\n\nClaims of `ALGORITHMS.md` re-run at small scale: "
-            f"{len(vs)} variants × {seeds} seed(s), each `{' '.join(base)}` plus the variant's "
-            f"overrides. Wall time of this invocation {wall:.0f} s ({trained} of "
-            f"{len(all_summaries)} runs trained by it, the rest reused); sum of the runs' "
-            f"wall times (training + evaluation) {train_wall:.0f} s.\n\n## Claims\n\n")
-    scale = ("the --quick setting: a few steps of a tiny model; verdicts are plumbing, not evidence"
-             if quick else "400 steps of a 2-layer d=64 byte LM")
-    text = head + claims_markdown(results) + "\n" + _RULES.format(scale=scale) + "\n## Runs\n\n" + \
-        markdown_table(all_summaries) + "\n" + TABLE_NOTES + "\n\n## Variants\n\n" + \
-        "\n".join(f"- `{v.name}`: {' '.join(v.overrides) or '(base)'}" for v in vs) + "\n"
-    (out / "summary.md").write_text(text)
-    claims_html = "<h2>Claims</h2><table><tr><th>#</th><th>claim</th><th>criterion</th>" \
-                  "<th>numbers</th><th>verdict</th></tr>" + "".join(
-                      f"<tr><td>{r['claim'].number}</td><td>{_h(r['claim'].title)}</td>"
-                      f"<td>{_h(r['claim'].criterion)}</td><td>{_h(r['numbers'])}</td>"
-                      f"<td><b>{r['verdict']}</b></td></tr>" for r in results) + "</table>"
-    write_report_html(out, all_summaries, title=f"seed-claims study ({mode})", extra_html=claims_html)
-    return {"results": results, "summaries": all_summaries, "wall_time_s": wall,
-            "train_wall_time_s": train_wall}
-
-
-def _h(s: str) -> str:
-    import html
-    return html.escape(s)
-
-
-_RULES = ("Verdicts: a directional claim is *reproduced* when the paired difference has the "
-          "claimed sign for every seed (and the val-bpb side condition holds: every seed's paired "
-          f"difference ≤ {BPB_FLOOR} bpb, or the mean difference ≤ tolerance = max({BPB_FLOOR} "
-          f"bpb, 2 × largest seed spread) with that tolerance ≤ {NOISE_MAX} bpb); *not reproduced* when it has the "
-          "opposite sign (or no effect) for every seed, or val bpb is worse beyond the "
-          "tolerance for every seed; *inconclusive* when seeds disagree or the val-bpb condition is "
-          "unclear. Not reproduced is a "
-          "finding at this scale ({scale}), not a failure.\n")
+def rules_text() -> str:
+    """The verdict rules, as the study page states them."""
+    return (
+        "Each claim is decided from the paired differences A − B over the seeds (A the method, "
+        "B its baseline, same seed = same data order and the same initial weights of every "
+        "shared part), through their mean and two-sided 95% Student-t interval. Ratios "
+        "(activated parameters, specialisation) are compared as log ratios, the convergence "
+        "speed-up as log2. Fixed before the runs:\n\n"
+        f"- *better by δ*: yes when the interval excludes 0 on the claimed side and the mean "
+        f"is at least δ; no when the interval excludes every effect of δ or more; else "
+        f"unclear. δ: {BPB_GAIN} bpb for a lower loss, {MAXVIO_GAIN} for a lower MaxVio, "
+        f"{REL_GAIN:.0%} of the baseline for specialisation, 10% for activated parameters "
+        f"(\"less than 90%\"), a factor 2 (log2 = 1) for the convergence speed-up;\n"
+        f"- *no worse within m* (non-inferiority): holds when the whole interval is below m, "
+        f"fails when the whole interval is above m, else unclear. m: {BPB_MARGIN} bpb for the "
+        f"loss, 2% (null experts) or 0% (HMoE) for activated parameters;\n"
+        f"- *equal within ±m*: holds when the interval lies inside ±m, fails when it lies "
+        f"wholly outside; m = {MAXVIO_EQUAL} for MaxVio.\n\n"
+        "A claim is **reproduced** when every part is yes/holds, **not reproduced** when any "
+        "part is no/fails, **inconclusive** otherwise.\n")
