@@ -157,6 +157,13 @@ def test_val_bpb_with_bytes_is_nats_per_token(corpus):
 
 
 # ------------------------------------------------------------------ a BPE run
+def forbid_learning_a_bpe(monkeypatch):
+    """A run that has its tokenizer.json must read it: learning merges again fails the test."""
+    def learn(*args, **kwargs):
+        raise AssertionError("a run with a tokenizer.json must read it, not learn a BPE again")
+    monkeypatch.setattr(BPETokenizer, "train", learn)
+
+
 def test_bpe_run_saves_its_tokenizer_and_sizes_the_model_by_it(bpe_run):
     folder, result = bpe_run
     saved = BPETokenizer.load(folder / TOKENIZER_FILE)
@@ -174,11 +181,7 @@ def test_resume_reads_the_saved_tokenizer_and_ends_equal(bpe_run, corpus, tmp_pa
                  stop_after=4)
     assert part.interrupted and [r["step"] for r in part.metrics] == [0, 3]
     saved = (tmp_path / "part" / TOKENIZER_FILE).read_bytes()
-
-    def no_retraining(*args, **kwargs):
-        raise AssertionError("a resumed run must read tokenizer.json, not learn a BPE again")
-
-    monkeypatch.setattr(BPETokenizer, "train", no_retraining)
+    forbid_learning_a_bpe(monkeypatch)
     resumed = train(tmp_path / "part", None, resume=True, progress=False, report=False)
     assert (tmp_path / "part" / TOKENIZER_FILE).read_bytes() == saved
     assert saved == (full_dir / TOKENIZER_FILE).read_bytes()
@@ -197,6 +200,12 @@ def test_cli_evaluate_reproduces_the_runs_val_bpb(bpe_run, tmp_path, capsys):
         assert row["bpb_by_domain"][d] == pytest.approx(v, rel=1e-5)
     assert row["bpb"] == pytest.approx(final["val_bpb"], rel=1e-5)
     assert row["bytes"] > row["tokens"]
+    # The other decoding methods work on BPE ids as they do on bytes.
+    assert main(["evaluate", str(folder), "--roe", "2,0.5", "--max-bytes", "300"]) == 0
+    assert main(["evaluate", str(folder), "--scmoe", "0.5,0.1,2", "--max-bytes", "300"]) == 0
+    assert main(["generate", str(folder), "--prompt", "El ", "--max-new", "3",
+                 "--scmoe", "0.5,0.1,2"]) == 0
+    assert "3 tokens in" in capsys.readouterr().err
 
 
 def test_cli_generate_counts_and_streams_tokens(bpe_run, texts, capsys):
@@ -231,15 +240,20 @@ def test_a_bpe_run_without_its_tokenizer_is_refused(bpe_run, tmp_path, capsys):
     assert f"has no {TOKENIZER_FILE}" in capsys.readouterr().err
 
 
-def test_analyze_encodes_with_the_runs_bpe(bpe_run):
+def test_analyze_encodes_with_the_runs_bpe(bpe_run, tmp_path):
     folder, _ = bpe_run
     src = load_source(folder)
     text = "El niño comió\n\n"
     assert src.tokenizer == "bpe"
     assert torch.equal(src.encode(text.encode()), load_run(folder).tokenizer.encode_tensor(text))
+    assert main(["analyze", str(folder), "--out", str(tmp_path / "an"), "--quiet",
+                 "--max-bytes", "512"]) == 0
+    assert json.loads((tmp_path / "an" / "analysis.json").read_text())["source"]["tokenizer"] \
+        == "bpe"
 
 
-def test_surgery_keeps_the_tokenizer_and_the_new_runs_evaluate(bpe_run, tmp_path, capsys):
+def test_surgery_keeps_the_tokenizer_and_the_new_runs_evaluate(bpe_run, tmp_path, capsys,
+                                                               monkeypatch):
     folder, _ = bpe_run
     source = (folder / TOKENIZER_FILE).read_bytes()
     assert main(["merge", str(folder), "--experts-per-layer", "3", "--out",
@@ -253,6 +267,13 @@ def test_surgery_keeps_the_tokenizer_and_the_new_runs_evaluate(bpe_run, tmp_path
         capsys.readouterr()
         assert main(["evaluate", str(run)]) == 0
         assert capsys.readouterr().out.startswith("val_bpb ")
+    # The new run trains on with the source's merges (never learned again).
+    forbid_learning_a_bpe(monkeypatch)
+    pruned = tmp_path / "pruned"
+    assert main(["train", "--out", str(pruned), "--resume", "--quiet", "--config",
+                 str(pruned / "config.yaml"), "--set", "train.steps=2"]) == 0
+    assert [r["step"] for r in read_metrics(pruned)] == [0, 2]
+    assert (pruned / TOKENIZER_FILE).read_bytes() == source
     assert main(["prune", str(folder), "--keep", "2", "--out", str(tmp_path / "x"),
                  "--set", "data.tokenizer=bytes"]) == 2
     assert "keeps the source's tokenizer" in capsys.readouterr().err

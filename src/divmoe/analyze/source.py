@@ -105,6 +105,8 @@ def _load_divmoe(path: Path, config_path: Path, ckpts: list[Path]) -> AnalysisSo
     tokenizer = _run_tokenizer(config_path, cfg)
 
     def encode(data: bytes) -> torch.Tensor:
+        if tokenizer.name == "bytes":
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
         # a cap on the bytes may cut a character: drop it, as the training's validation does
         return tokenizer.encode_tensor(data.decode("utf-8", errors="ignore")).long()
 
