@@ -3,8 +3,9 @@
 A transformed run is an ordinary run at step 0: ``config.yaml`` (the source's, with the
 layer settings the transform changed), ``checkpoint/`` (the new weights, a fresh optimizer
 state), ``surgery.json`` (what was done, from what) and, for a BPE run, the source's
-``tokenizer.json`` (the weights only mean something with those merges). ``divmoe train --out NEW --resume``
-evaluates it at step 0 and trains it for ``train.steps`` steps; ``divmoe analyze NEW`` reads it.
+``tokenizer.json`` (the weights only mean something with those merges). ``divmoe train --out
+NEW --resume`` evaluates it at step 0 and trains it for ``train.steps`` steps; ``divmoe analyze
+NEW`` reads it.
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ def write_run(out: str | Path, cfg: RunConfig, model: MoETransformer, info: dict
         state = {"step": 0, "loss_sum": 0.0, "loss_count": 0, "train_time": 0.0,
                  "tokens_seen": 0, "elapsed": 0.0, "rng": torch.get_rng_state(),
                  "optimizer": build_optimizer(model, cfg).state_dict()}
-        save_checkpoint(out, model.state_dict(), state)
-        if tokenizer.name == "bpe":
+        if tokenizer.name == "bpe":  # before the weights: a run with a checkpoint has its merges
             tokenizer.save(out / TOKENIZER_FILE)
+        save_checkpoint(out, model.state_dict(), state)
         atomic_write_text(out / SURGERY, json.dumps(info, indent=1))
     return out
