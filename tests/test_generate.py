@@ -173,7 +173,7 @@ def test_load_run_restores_the_weights_and_applies_inference_overrides(tmp_path)
 
 def test_plain_validation_scores_reproduce_the_training_evaluation(run_dir):
     run = load_run(run_dir)
-    val = run_validation(run.config)
+    val = run_validation(run.config, run.tokenizer)
     row = score_validation(run.model, val, batch_size=2)
     expected = evaluate(run.model, val, 2, probe_tokens_per_domain=0).row
     assert row["bpb_by_domain"].keys() == expected["val_bpb_by_domain"].keys()
@@ -209,9 +209,9 @@ def test_cli_evaluate_scores_the_training_split_on_request(run_dir, capsys):
     out = capsys.readouterr().out
     assert out.startswith("train_bpb ") and "RoE N=2, τ=0.5" in out
     run = load_run(run_dir)
-    train_rows = run_validation(run.config, 100, "train")
+    train_rows = run_validation(run.config, run.tokenizer, 100, "train")
     assert not all(torch.equal(train_rows[d], v) for d, v in
-                   run_validation(run.config, 100).items() if d in train_rows)
+                   run_validation(run.config, run.tokenizer, 100).items() if d in train_rows)
 
 
 def one_line_error(capsys, *needles):

@@ -318,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_decoding_args(g)
     g.add_argument("--prompt", required=True, help="text to continue (UTF-8)")
     g.add_argument("--max-new", type=int, default=None, metavar="N",
-                   help="bytes to generate (default: until the context is full)")
+                   help="tokens to generate (bytes for a byte-level run; default: until "
+                        "the context is full)")
     g.add_argument("--temperature", type=float, default=1.0, metavar="T",
                    help="sampling temperature; 0 = greedy (default 1)")
     g.add_argument("--top-p", type=float, default=1.0, metavar="P",
@@ -328,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute the whole context at every step instead of using the KV cache")
     g.set_defaults(func=_cmd_generate)
 
-    ev = sub.add_parser("evaluate", help="validation bits per byte and greedy next-byte "
+    ev = sub.add_parser("evaluate", help="validation bits per byte and greedy next-token "
                                          "accuracy per domain of a run, plain, RoE or SCMoE")
     add_decoding_args(ev)
     ev.add_argument("--max-bytes", type=int, default=None, metavar="N",

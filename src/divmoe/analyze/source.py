@@ -34,7 +34,7 @@ class AnalysisSource:
     hook_modules: list[nn.Module]               # the module whose forward is the layer
     seq_len: int
     vocab_size: int
-    tokenizer: str                              # "byte" | "hf:<class>" | "byte-fallback"
+    tokenizer: str                              # "byte" | "bpe" | "hf:<class>" | "byte-fallback"
     notes: list[str] = field(default_factory=list)
     encode: Callable[[bytes], torch.Tensor] | None = None   # domain bytes → 1-D token ids
     forward: Callable[[torch.Tensor], object] | None = None  # tokens [B, S] → anything
@@ -102,14 +102,19 @@ def _load_divmoe(path: Path, config_path: Path, ckpts: list[Path]) -> AnalysisSo
         raise AnalyzeError(f"{config_path} describes a dense model (model.moe=false): "
                            f"no MoE layers to analyze")
     moes = [model.blocks[i].mlp for i in idx]
+    tokenizer = _run_tokenizer(config_path, cfg)
 
     def encode(data: bytes) -> torch.Tensor:
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+        if tokenizer.name == "bytes":
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+        # a cap on the bytes may cut a character: drop it, as the training's validation does
+        return tokenizer.encode_tensor(data.decode("utf-8", errors="ignore")).long()
 
     src = AnalysisSource(kind="divmoe", path=path, model=model,
                          layer_names=[f"layer {i}" for i in idx], moes=moes, hook_modules=moes,
                          seq_len=cfg.model.seq_len, vocab_size=cfg.model.vocab_size,
-                         tokenizer="byte", notes=notes, encode=encode,
+                         tokenizer="byte" if tokenizer.name == "bytes" else tokenizer.name,
+                         notes=notes, encode=encode,
                          forward=lambda t: model(t))
     src.info = {"config": str(config_path), "weights": str(weights),
                 "num_experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k,
@@ -118,6 +123,16 @@ def _load_divmoe(path: Path, config_path: Path, ckpts: list[Path]) -> AnalysisSo
     if metrics.is_file():
         src.info["metrics"] = str(metrics)
     return src
+
+
+def _run_tokenizer(config_path: Path, cfg):
+    """The run's tokenizer (bytes, or its saved BPE: the model's token ids are its ids)."""
+    from ..data.tokenizer import run_tokenizer
+
+    try:
+        return run_tokenizer(config_path.parent, cfg.data)
+    except (FileNotFoundError, ValueError) as exc:
+        raise AnalyzeError(str(exc)) from None
 
 
 # ----------------------------------------------------------------------------- HF

@@ -35,28 +35,30 @@ def run_generate(args, out=None, err=None) -> int:
     run = load_run(args.run, args.set)
     for note in run.notes:
         print(f"divmoe: {note}", file=err)
-    prompt = args.prompt.encode("utf-8")
-    if not prompt:
+    if not args.prompt:
         raise ValueError("--prompt is empty: give at least one character to continue")
+    tokenizer = run.tokenizer
+    unit = "bytes" if tokenizer.name == "bytes" else "tokens"
+    prompt = tokenizer.encode_tensor(args.prompt).long()
     context = run.config.model.seq_len
     if len(prompt) > context:
-        raise ValueError(f"--prompt is {len(prompt)} bytes, longer than the model's context "
+        raise ValueError(f"--prompt is {len(prompt)} {unit}, longer than the model's context "
                          f"model.seq_len={context}")
     max_new = context - len(prompt) if args.max_new is None else args.max_new
-    stream = Utf8Stream()
+    stream = Utf8Stream()  # a BPE token may end mid-character, like a byte
     out.write(args.prompt)
     out.flush()
 
     def show(next_B: torch.Tensor) -> None:
-        out.write(stream.feed(bytes([int(next_B[0])])))
+        out.write(stream.feed(tokenizer.bytes_of([int(next_B[0])])))
         out.flush()
 
-    result = generate(run.model, torch.tensor([list(prompt)]), max_new,
+    result = generate(run.model, prompt[None], max_new,
                       temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                       method=method, use_cache=not args.no_cache, on_token=show)
     out.write(stream.finish() + "\n")
     out.flush()
-    print(f"divmoe: {result.new_tokens.shape[1]} bytes in {result.seconds:.2f} s "
+    print(f"divmoe: {result.new_tokens.shape[1]} {unit} in {result.seconds:.2f} s "
           f"({result.tokens_per_s:.1f} tokens/s; {method.describe()}, "
           f"{'no ' if args.no_cache else ''}KV cache)", file=err)
     return 0
@@ -68,8 +70,8 @@ def run_evaluate(args, out=None) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size} is not allowed: expected an int >= 1")
     run = load_run(args.run, args.set)
-    val = run_validation(run.config, args.max_bytes, args.split)
-    row = score_validation(run.model, val, args.batch_size, method)
+    val = run_validation(run.config, run.tokenizer, args.max_bytes, args.split)
+    row = score_validation(run.model, val, args.batch_size, method, run.tokenizer.token_bytes)
     row.update(run=str(run.path), checkpoint=str(run.checkpoint), split=args.split,
                overrides=list(args.set))
     if row["bpb"] is not None:
@@ -79,8 +81,8 @@ def run_evaluate(args, out=None) -> int:
         print(f"{args.split}_bpb n/a: {method.describe()} scores are not calibrated "
               f"probabilities", file=out)
     by = ", ".join(f"{d} {v:.4f}" for d, v in row["accuracy_by_domain"].items())
-    print(f"greedy next-byte accuracy {row['accuracy']:.4f} ({by}); {row['tokens']} bytes, "
-          f"{method.describe()}", file=out)
+    print(f"greedy next-token accuracy {row['accuracy']:.4f} ({by}); {row['tokens']} tokens "
+          f"({row['bytes']} bytes), {method.describe()}", file=out)
     if args.json:
         atomic_write_text(args.json, json.dumps(row, indent=1))
     return 0

@@ -53,15 +53,18 @@ def calibrate(moes: list[MoE], forward, batches: list[torch.Tensor],
     return [LayerCalibration(c, torch.cat(x)) for c, x in zip(counts, inputs)]
 
 
-def run_calibration_batches(cfg, sequences: int, batch_size: int = 32) -> list[torch.Tensor]:
-    """``sequences`` training windows of a run's corpus ([b, seq_len] inputs), drawn with a
-    seed the run did not train on (``train.seed + 1``), so validation text stays unseen."""
+def run_calibration_batches(cfg, tokenizer, sequences: int,
+                            batch_size: int = 32) -> list[torch.Tensor]:
+    """``sequences`` training windows of a run's corpus ([b, seq_len] inputs) in the run's
+    ``tokenizer``, drawn with a seed the run did not train on (``train.seed + 1``), so
+    validation text stays unseen."""
     from ..data.mixture import MixtureSampler
     from ..data.user_corpus import load_splits
 
     train_docs, _ = load_splits(cfg.data.corpus, cfg.model.seq_len, cfg.data.val_fraction)
     sampler = MixtureSampler(train_docs, cfg.model.seq_len, seed=cfg.train.seed + 1,
-                             weights=cfg.data.weights, temperature=cfg.data.temperature)
+                             weights=cfg.data.weights, temperature=cfg.data.temperature,
+                             tokenizer=tokenizer)
     out, step = [], 0
     while sequences > 0:
         n = min(batch_size, sequences)

@@ -2,8 +2,10 @@
 
 A transformed run is an ordinary run at step 0: ``config.yaml`` (the source's, with the
 layer settings the transform changed), ``checkpoint/`` (the new weights, a fresh optimizer
-state) and ``surgery.json`` (what was done, from what). ``divmoe train --out NEW --resume``
-evaluates it at step 0 and trains it for ``train.steps`` steps; ``divmoe analyze NEW`` reads it.
+state), ``surgery.json`` (what was done, from what) and, for a BPE run, the source's
+``tokenizer.json`` (the weights only mean something with those merges). ``divmoe train --out
+NEW --resume`` evaluates it at step 0 and trains it for ``train.steps`` steps; ``divmoe analyze
+NEW`` reads it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, dump_yaml, to_dict
+from ..data.tokenizer import TOKENIZER_FILE
 from ..files import atomic_write_text, check_output_folder
 from ..models import MoETransformer
 from ..train.checkpoint import checkpoint_candidates
@@ -38,7 +41,8 @@ def rewrite_moe_layers(run: str | Path, out: str | Path, edit, info: dict,
     if not idx:
         raise ConfigError(f"{run} is a dense model (model.moe=false): nothing to {verb}")
     moes = [model.blocks[i].mlp for i in idx]
-    calib = calibrate(moes, model, run_calibration_batches(cfg, calibration_sequences))
+    calib = calibrate(moes, model,
+                      run_calibration_batches(cfg, source.tokenizer, calibration_sequences))
     layers = []
     for i, moe, cal in zip(idx, moes, calib):
         model.blocks[i].mlp, layer_info = edit(moe, cal)
@@ -47,7 +51,7 @@ def rewrite_moe_layers(run: str | Path, out: str | Path, edit, info: dict,
                                  settings)
     info = {**info, "source": str(Path(run).resolve()),
             "calibration_sequences": calibration_sequences, "layers": layers}
-    write_run(out, cfg, model, info)
+    write_run(out, cfg, model, info, source.tokenizer)
     return info
 
 
@@ -55,15 +59,23 @@ def with_training_settings(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     """``cfg`` with ``key=value`` overrides of its ``train.*`` / ``data.*`` settings (how the
     new run continues); the model's settings come from its weights and stay as they are."""
     for item in overrides:
-        if not item.split("=", 1)[0].strip().startswith(("train.", "data.")):
+        key = item.split("=", 1)[0].strip()
+        if not key.startswith(("train.", "data.")):
             raise ConfigError(f"--set {item!r}: only train.* and data.* settings of the new run "
                               f"can be set (the model and layer settings follow from its weights)")
+        if key in ("data.tokenizer", "data.bpe_vocab"):
+            raise ConfigError(f"--set {item!r}: the new run keeps the source's tokenizer (its "
+                              f"embeddings are of those tokens); only other train.* and data.* "
+                              f"settings can be set")
     return load_config(None, list(overrides), base=to_dict(cfg)) if overrides else cfg
 
 
-def write_run(out: str | Path, cfg: RunConfig, model: MoETransformer, info: dict) -> Path:
+def write_run(out: str | Path, cfg: RunConfig, model: MoETransformer, info: dict,
+              tokenizer) -> Path:
     """Write ``model`` (built from ``cfg``) as a new run at step 0 in ``out``, with ``info``
-    in ``surgery.json``. Refuses a folder that already holds a run."""
+    in ``surgery.json`` and the source run's ``tokenizer`` (a BPE is saved as tokenizer.json,
+    so the new run loads, evaluates and resumes with the merges it was trained on). Refuses a
+    folder that already holds a run."""
     from ..train.checkpoint import save_checkpoint
     from ..train.loop import build_optimizer
 
@@ -76,6 +88,8 @@ def write_run(out: str | Path, cfg: RunConfig, model: MoETransformer, info: dict
         state = {"step": 0, "loss_sum": 0.0, "loss_count": 0, "train_time": 0.0,
                  "tokens_seen": 0, "elapsed": 0.0, "rng": torch.get_rng_state(),
                  "optimizer": build_optimizer(model, cfg).state_dict()}
+        if tokenizer.name == "bpe":  # before the weights: a run with a checkpoint has its merges
+            tokenizer.save(out / TOKENIZER_FILE)
         save_checkpoint(out, model.state_dict(), state)
         atomic_write_text(out / SURGERY, json.dumps(info, indent=1))
     return out

@@ -112,5 +112,5 @@ def upcycle_run(run: str | Path, out: str | Path, experts: int, top_k: int, gran
     info = {"transform": "upcycle", "source": str(Path(run).resolve()), "experts": experts,
             "top_k": top_k, "granularity": granularity, "drop_ratio": drop_ratio,
             "steps": new_cfg.train.steps}
-    write_run(out, new_cfg, model, info)
+    write_run(out, new_cfg, model, info, source.tokenizer)
     return info

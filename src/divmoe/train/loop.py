@@ -129,13 +129,13 @@ def _token_expert_counts(tokens_BS: torch.Tensor, expert_ids_TK: torch.Tensor, V
     return torch.bincount(tok_TK[ok] * E + expert_ids_TK[ok], minlength=V * E)
 
 
-@torch.no_grad()
 def _target_bytes(chunk: torch.Tensor, token_bytes: torch.Tensor | None) -> int:
     """Bytes the window batch's targets stand for (one per token without a table: bytes)."""
     targets = chunk[:, 1:]
     return targets.numel() if token_bytes is None else int(token_bytes[targets].sum())
 
 
+@torch.no_grad()
 def _causal_bpb(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: int, ranks,
                 batch_row: dict, token_bytes: torch.Tensor | None) -> dict:
     """``val_bpb_causal`` (and per domain): validation bpb with every token routed from
