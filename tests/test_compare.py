@@ -1,4 +1,5 @@
-"""`divmoe compare`: variants on the same budget → summary.md + report.html; seed-claims study."""
+"""`divmoe compare`: variants on the same budget → summary.md + report.html (the seed-claims
+study: tests/test_seed_claims.py)."""
 
 import json
 
@@ -6,8 +7,7 @@ import pytest
 import yaml
 
 from divmoe.cli import main
-from divmoe.compare import CLAIMS, Variant, load_study, run_compare, specialization_mi
-from divmoe.compare import seed_claims as SC
+from divmoe.compare import Variant, load_study, run_compare, specialization_mi
 from divmoe.config import ConfigError
 
 TINY = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.seq_len=32",
@@ -76,54 +76,3 @@ def test_specialization_mi_from_routing():
     routing = {"counts": [[[5, 0], [0, 5]], [[3, 3], [3, 3]]]}
     assert specialization_mi(routing) == pytest.approx(0.5)
     assert specialization_mi(None) is None
-
-
-def _fake(name, bpb, **kw):
-    rows = kw.pop("rows", [{"step": 0, "val_bpb": 8.0}, {"step": 10, "val_bpb": bpb}])
-    return {"name": name, "val_bpb": bpb, "rows": rows, **kw}
-
-
-def test_seed_claims_verdicts_from_numbers():
-    claim1, claim3, claim7 = CLAIMS[0], CLAIMS[2], CLAIMS[6]
-    runs = {"loss_free_bias": [_fake("a", 3.00, max_vio=0.2), _fake("a", 3.01, max_vio=0.3)],
-            "topk": [_fake("b", 3.00, max_vio=0.9, expert_vendi=2.0),
-                     _fake("b", 3.02, max_vio=0.8, expert_vendi=2.5)]}
-    assert SC.judge(claim1, runs)["verdict"] == "reproduced"
-    runs["loss_free_bias"] = [_fake("a", 3.5, max_vio=0.2), _fake("a", 3.6, max_vio=0.3)]
-    assert SC.judge(claim1, runs)["verdict"] == "not reproduced"   # val loss much worse
-    runs["loss_free_bias"] = [_fake("a", 3.0, max_vio=0.95), _fake("a", 3.0, max_vio=0.5)]
-    assert SC.judge(claim1, runs)["verdict"] == "inconclusive"     # seeds disagree
-    runs["diversity_exclusivity"] = [_fake("d", 3.0, expert_vendi=1.5), _fake("d", 3.0, expert_vendi=2.0)]
-    assert SC.judge(claim7, runs)["verdict"] == "not reproduced"
-    # Steps to target: expert_choice reaches 1.02 × topk's final bpb at step 10, topk at 20.
-    curve = lambda *pts: [{"step": s, "val_bpb": v} for s, v in pts]
-    runs["expert_choice"] = [_fake("e", 2.9, rows=curve((0, 8), (10, 3.0), (20, 2.9)))]
-    runs["topk"] = [_fake("b", 3.0, rows=curve((0, 8), (10, 3.5), (20, 3.0)))]
-    r = SC.judge(claim3, runs)
-    assert r["verdict"] == "reproduced" and "10 vs topk 20" in r["numbers"]
-    runs["expert_choice"] = [_fake("e", 3.5, rows=curve((0, 8), (10, 4.0), (20, 3.5)))]
-    assert SC.judge(claim3, runs)["verdict"] == "not reproduced"   # never reaches the target
-
-
-def test_seed_claims_variants_are_valid_configs():
-    for quick in (True, False):
-        base = SC.QUICK if quick else SC.BASE
-        vs = SC.variants(quick)
-        assert {n for c in CLAIMS for n in c.variants} <= {v.name for v in vs}
-        for v in vs:
-            cfg = v.resolve(base)
-            assert cfg.train.grad_accum * cfg.train.batch_size == int(
-                dict(kv.split("=") for kv in base)["train.batch_size"])
-        het = next(v for v in vs if v.name == "heterogeneous").resolve(base).moe
-        assert sum(het.expert_widths) == het.num_experts * het.expert_hidden
-
-
-@pytest.mark.slow
-def test_seed_claims_quick_end_to_end(tmp_path, capsys):
-    out = tmp_path / "sc"
-    assert main(["compare", "--out", str(out), "--study", "seed-claims", "--quick", "--quiet"]) == 0
-    printed = capsys.readouterr().out
-    assert printed.count("claim ") == 7 and "wall time" in printed
-    text = (out / "summary.md").read_text()
-    assert text.count("| **") == 7 and "## Runs" in text
-    assert "<img" in (out / "report.html").read_text()

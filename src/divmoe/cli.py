@@ -26,21 +26,32 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from .compare import Variant, load_study, run_compare, run_seed_claims
+    from .compare import Variant, load_study, run_compare, run_study
 
-    log = (lambda msg: print(msg, file=sys.stderr)) if not args.quiet else (lambda msg: None)
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else (lambda msg: None)
     if args.study == "seed-claims":
-        if args.configs:
-            raise ValueError("--study seed-claims takes no CONFIG.yaml files")
-        result = run_seed_claims(args.out, quick=args.quick, seeds=args.seeds, log=log,
-                                 lock=args.lock)
+        if args.configs or args.set:
+            raise ValueError("--study seed-claims takes no CONFIG.yaml files and no --set: its "
+                             "settings are fixed (see --preset)")
+        preset = "quick" if args.quick else args.preset
+        from pathlib import Path
+        result = run_study(args.out, preset=preset, seeds=args.seeds, workers=args.workers,
+                           budget=args.budget, records=args.records,
+                           report_only=args.report_only, log=log,
+                           docs=Path(args.docs) if args.docs else None,
+                           command=" ".join(["divmoe"] + args.cli_argv) if args.docs else "")
         for r in result["results"]:
-            print(f"claim {r['claim'].number} ({r['claim'].title}): {r['verdict']}")
-        print(f"wall time {result['wall_time_s']:.0f} s; summary: {args.out}/summary.md, "
-              f"report: {args.out}/report.html")
+            parts = "; ".join(f"{p['part'].label or p['part'].metric} {p['decision']}"
+                              for p in r["parts"])
+            print(f"claim {r['claim'].number} ({r['claim'].title}): {r['verdict']}"
+                  + (f" ({parts})" if parts else ""))
+        print(("complete" if result["complete"] else
+               "not complete: run the same command again to continue")
+              + f"; summary: {args.out}/summary.md")
         return 0
-    if args.quick or args.seeds is not None:
-        raise ValueError("--quick and --seeds apply to --study seed-claims only")
+    if args.quick or args.seeds is not None or args.report_only or args.records or args.docs:
+        raise ValueError("--quick, --seeds, --preset, --workers, --budget, --records, --docs "
+                         "and --report-only apply to --study seed-claims only")
     base, variants = list(args.set), []
     if args.study:
         study_base, variants = load_study(args.study)
@@ -356,9 +367,24 @@ def build_parser() -> argparse.ArgumentParser:
                          "or the built-in 'seed-claims' study of ALGORITHMS.md's claims")
     cp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override applied to every variant (repeatable)")
-    cp.add_argument("--quick", action="store_true", help="seed-claims: tiny runs (~1-2 min)")
+    cp.add_argument("--preset", choices=["cpu", "quick"], default="cpu",
+                    help="seed-claims: cpu = the study (about 1.5 h on 2 cores); quick = tiny "
+                         "runs for the tests")
+    cp.add_argument("--quick", action="store_true", help="seed-claims: --preset quick")
     cp.add_argument("--seeds", type=int, default=None,
-                    help="seed-claims: seeds per variant (default 2; 1 with --quick)")
+                    help="seed-claims: seeds per variant (default 5; 2 with --quick)")
+    cp.add_argument("--workers", type=int, default=2,
+                    help="seed-claims: single-thread runs at a time (default 2)")
+    cp.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                    help="seed-claims: start no new run after SECONDS (run again to continue)")
+    cp.add_argument("--records", metavar="DIR",
+                    help="seed-claims: mirror each finished run's records (no checkpoints) to "
+                         "DIR, and take finished runs from it")
+    cp.add_argument("--report-only", action="store_true",
+                    help="seed-claims: train nothing, write the page from the finished runs")
+    cp.add_argument("--docs", metavar="PAGE.md",
+                    help="seed-claims: also write the page to PAGE.md (keeping its "
+                         "'Implementation fidelity' section) with the curves beside it")
     cp.add_argument("--lock", metavar="FILE", help="flock FILE while each variant trains (share "
                                                  "a machine with other heavy jobs)")
     cp.add_argument("--quiet", action="store_true", help="no per-variant progress on stderr")

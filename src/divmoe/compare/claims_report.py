@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..files import atomic_write_text
 from .claims_stats import judge
-from .claims_study import FINAL_EVAL, jobs
+from .claims_study import FINAL_EVAL, INVOCATIONS, jobs
 from .seed_claims import CLAIMS, PRESETS, rules_text, variants
 
 # the final numbers of a run: (key in the final evaluation's mean, label)
@@ -191,11 +191,13 @@ def plot_curves(by: dict, results: list[dict], path: Path) -> Path | None:
     for ax, r in zip(axes.flat, shown):
         c = r["claim"]
         idx = 2 if c.number == 3 else 1
+        later = []  # the values after the first evaluation set the scale (not the early drop)
         for name, colour in zip(c.variants, ("tab:red", "tab:blue")):
             curves = [by[name][s]["curve"] for s in r["seeds"]]
             steps = [p[0] for p in curves[0]]
             vals = [[p[idx] for p in cv] for cv in curves]
             mean = [sum(col) / len(col) for col in zip(*vals)]
+            later += [v for cv in vals for v in cv[1:]] or [v for cv in vals for v in cv]
             ax.plot(steps, mean, color=colour, lw=1.5, label=f"{name} (n={len(curves)})")
             ax.fill_between(steps, [min(col) for col in zip(*vals)],
                             [max(col) for col in zip(*vals)], color=colour, alpha=0.2, lw=0)
@@ -204,24 +206,31 @@ def plot_curves(by: dict, results: list[dict], path: Path) -> Path | None:
         ax.set_ylabel("causal val bpb" if idx == 2 else "val bpb")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        ax.set_ylim(top=min(ax.get_ylim()[1], 3.6))
+        pad = 0.05 * (max(later) - min(later)) or 0.01
+        ax.set_ylim(min(later) - pad, max(later) + pad)
     fig.savefig(path, dpi=110)
     plots.plt.close(fig)
     return path
 
 
 def write_report(out: Path, preset: str, seeds: int, complete: list[str],
-                 wall_time_s: float, docs: Path | None = None, command: str = "") -> dict:
+                 docs: Path | None = None, command: str = "") -> dict:
     by = collect(out, preset, seeds, complete)
     results = judge_all(by, preset)
     total = len(jobs(preset, seeds))
     run_wall = sum(n["wall_time_s"] or 0.0 for v in by.values() for n in v.values())
+    calls = [json.loads(x) for x in (out / INVOCATIONS).read_text().splitlines() if x.strip()] \
+        if (out / INVOCATIONS).is_file() else []
+    study_wall = sum(c["end"] - c["start"] for c in calls)
     plot = plot_curves(by, results, out / "curves.png")
     text = (f"# The seed claims, decided\n\n"
             f"{len(complete)} of {total} runs complete ({len(variants(preset))} variants × "
-            f"{seeds} seeds, preset `{preset}`). Training wall time summed over the runs "
-            f"{run_wall / 3600:.2f} h (single-thread processes, two at a time)."
+            f"{seeds} seeds, preset `{preset}`). Wall time of the study: "
+            f"{study_wall / 3600:.2f} h over {len(calls)} invocation(s); the runs' training "
+            f"wall times sum to {run_wall / 3600:.2f} h (single-thread processes, "
+            f"{max((c['workers'] for c in calls), default=1)} at a time)."
             + (f" Command: `{command}`." if command else "") + "\n\n"
+            + _testbed(out, preset, complete) +
             "## Verdicts\n\n" + verdict_table(results) + "\n## Rules\n\n" + rules_text() +
             "\n## Design\n\n" + "\n".join(f"{c.number}. **{c.title}** — {c.design}."
                                           for c in CLAIMS) +
@@ -242,6 +251,31 @@ def write_report(out: Path, preset: str, seeds: int, complete: list[str],
         if plot is not None:
             (docs.parent / "seed_claims_curves.png").write_bytes(plot.read_bytes())
     return {"results": results, "runs": by, "summary": out / "summary.md"}
+
+
+def _testbed(out: Path, preset: str, complete: list[str]) -> str:
+    s = dict(kv.split("=", 1) for kv in PRESETS[preset])
+    tokens = int(s["train.steps"]) * int(s["train.batch_size"]) * int(s["model.seq_len"])
+    per_token = ""
+    if complete:
+        final = json.loads((out / complete[0] / FINAL_EVAL).read_text())
+        ratio = final["val_bytes"] / final["val_tokens"]
+        per_token = (f" ≈ {tokens * ratio / 1e6:.1f} M bytes of text (the BPE averages "
+                     f"{ratio:.2f} bytes per token on validation); the final evaluation scores "
+                     f"{final['val_tokens']:,} validation tokens ({final['val_bytes']:,} bytes)")
+    return (f"**Testbed.** A byte-level BPE of {s['data.bpe_vocab']} tokens learned on the "
+            f"training split (`data.tokenizer=bpe`; val bpb stays bits per byte of the text); "
+            f"d={s['model.d_model']}, {s['model.n_layers']} MoE layers of "
+            f"{s['moe.num_experts']} experts of width {s['moe.expert_hidden']}, top-"
+            f"{s['moe.top_k']}, context {s['model.seq_len']} tokens; {s['train.steps']} steps "
+            f"of {s['train.batch_size']} sequences = {tokens / 1e6:.2f} M training tokens per "
+            f"run{per_token}.\n\n"
+            "**Running it** (resumable: repeat the same command after an interruption, or "
+            "continue on another machine from the committed records; `--budget S` stops "
+            "starting runs after S seconds; `--quick` is the tests' tiny version):\n\n"
+            "```bash\nflock /tmp/divmoe-heavy.lock divmoe compare --study seed-claims "
+            "--out runs/claims --records benchmarks/results/seed_claims/runs "
+            "--docs docs/seed_claims.md\n```\n\n")
 
 
 def update_docs_page(path: Path, text: str) -> None:

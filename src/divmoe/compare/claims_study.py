@@ -23,6 +23,7 @@ from .seed_claims import DEFAULT_SEEDS, FULL_VALIDATION_BYTES, PRESETS, variants
 
 FINAL_EVAL = "final_eval.json"
 RECORD_FILES = ("config.yaml", "metrics.jsonl", "summary.json", FINAL_EVAL)
+INVOCATIONS = "invocations.jsonl"
 
 
 def jobs(preset: str, seeds: int) -> list[tuple[str, list[str]]]:
@@ -131,9 +132,11 @@ def _run_one(out: str, name: str, overrides: list[str], full_bytes: int, deadlin
 
 def run_study(out: str | Path, preset: str = "cpu", seeds: int | None = None, workers: int = 2,
               budget: float | None = None, records: str | Path | None = None,
-              report_only: bool = False, log=print) -> dict:
+              report_only: bool = False, log=print, docs: Path | None = None,
+              command: str = "") -> dict:
     """Train and evaluate what is missing (see the module docstring), then write
-    ``OUT/summary.md``, ``OUT/results.json`` and the plots; returns the results."""
+    ``OUT/summary.md``, ``OUT/results.json`` and the curves (and ``docs``, the documentation
+    page, with ``command`` quoted on it); returns the results."""
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r} is not allowed: expected one of {', '.join(PRESETS)}")
     seeds = DEFAULT_SEEDS[preset] if seeds is None else seeds
@@ -148,23 +151,29 @@ def run_study(out: str | Path, preset: str = "cpu", seeds: int | None = None, wo
     if restored:
         log(f"restored {restored} finished runs from {records}")
     todo = jobs(preset, seeds)
-    t_start = time.time()
     if not report_only:
+        t_start, trained = time.time(), 0
         deadline = t_start + (budget if budget is not None else float("inf"))
         ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
-            futures = {pool.submit(_run_one, str(out), name, o, FULL_VALIDATION_BYTES[preset],
-                                   deadline, str(records) if records else None): name
-                       for name, o in todo}
-            for f in cf.as_completed(futures):
-                how, seconds = f.result()
-                if how not in ("done", "skipped"):
-                    log(f"{futures[f]}: {how} in {seconds:.0f} s")
+        try:
+            with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+                futures = {pool.submit(_run_one, str(out), name, o, FULL_VALIDATION_BYTES[preset],
+                                       deadline, str(records) if records else None): name
+                           for name, o in todo}
+                for f in cf.as_completed(futures):
+                    how, seconds = f.result()
+                    if how not in ("done", "skipped"):
+                        trained += 1
+                        log(f"{futures[f]}: {how} in {seconds:.0f} s")
+        finally:  # the study's wall time is the sum of its invocations'
+            with open(out / INVOCATIONS, "a") as fh:
+                fh.write(json.dumps({"start": t_start, "end": time.time(), "workers": workers,
+                                     "runs_finished": trained}) + "\n")
     steps = int(dict(kv.split("=", 1) for kv in PRESETS[preset])["train.steps"])
     complete = [name for name, _ in todo if run_complete(out / name, steps)]
     log(f"{len(complete)} of {len(todo)} runs complete")
     from .claims_report import write_report
 
-    result = write_report(out, preset, seeds, complete, wall_time_s=time.time() - t_start)
+    result = write_report(out, preset, seeds, complete, docs=docs, command=command)
     result["complete"] = len(complete) == len(todo)
     return result
