@@ -135,3 +135,20 @@ def test_forward_synchronises_only_to_read_the_row_counts(dispatch, dtype, monke
         torch.cuda.set_sync_debug_mode(0)
     assert len(reads) == len(model.moe_layers)
     assert torch.isfinite(out.loss).item()
+
+
+def test_train_run_on_cuda_matches_cpu_and_resumes_on_cpu(tmp_path):
+    """`divmoe train --set parallel.device=cuda`: the run's metrics follow the CPU run's (the
+    same batches, summation order aside) and its checkpoint resumes on the CPU."""
+    from divmoe.train import train
+
+    run = TINY + ["train.steps=6", "train.eval_every=3", "train.batch_size=4",
+                  "data.val_bytes_per_domain=1024", "train.threads=1"]
+    cpu = train(tmp_path / "cpu", load_config(None, run), progress=False, report=False)
+    gpu = train(tmp_path / "gpu", load_config(None, run + ["parallel.device=cuda"]),
+                progress=False, report=False)
+    for a, b in zip(cpu.metrics, gpu.metrics):
+        assert b["val_bpb"] == pytest.approx(a["val_bpb"], abs=2e-3)
+    longer = load_config(None, run + ["train.steps=9"])
+    resumed = train(tmp_path / "gpu", longer, resume=True, progress=False, report=False)
+    assert resumed.metrics[-1]["step"] == 9

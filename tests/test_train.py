@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 
 from divmoe.cli import main
@@ -157,3 +158,11 @@ def test_ctrl_c_stops_at_a_step_boundary_and_resumes_exactly(tmp_path):
     assert "continue with --resume" in err
     train(run, None, resume=True, progress=False)
     assert strip_timing(read_metrics(run)) == strip_timing(full.metrics)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_device_without_cuda_is_refused(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "r"), "--set", "parallel.device=cuda",
+                 "--set", "train.steps=1"]) == 2
+    assert "parallel.device=cuda: no CUDA device is visible" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()

@@ -367,9 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "or the built-in 'seed-claims' study of ALGORITHMS.md's claims")
     cp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override applied to every variant (repeatable)")
-    cp.add_argument("--preset", choices=["cpu", "quick"], default="cpu",
-                    help="seed-claims: cpu = the study (about 1.5 h on 2 cores); quick = tiny "
-                         "runs for the tests")
+    cp.add_argument("--preset", choices=["cpu", "cuda", "quick"], default="cpu",
+                    help="seed-claims: cpu = the study (about 1.7 h on 2 cores); cuda = a "
+                         "larger one for a GPU (use --workers 1); quick = tiny runs for the "
+                         "tests")
     cp.add_argument("--quick", action="store_true", help="seed-claims: --preset quick")
     cp.add_argument("--seeds", type=int, default=None,
                     help="seed-claims: seeds per variant (default 5; 2 with --quick)")

@@ -44,7 +44,7 @@ def final_evaluation(run: Path, max_bytes_per_domain: int) -> dict:
     from ..models import MoETransformer
     from ..train.checkpoint import STATE, checkpoint_candidates, load_weights
     from ..train.config import load_config
-    from ..train.loop import evaluate
+    from ..train.loop import evaluate, training_device
 
     path = run / FINAL_EVAL
     if path.is_file():
@@ -53,11 +53,11 @@ def final_evaluation(run: Path, max_bytes_per_domain: int) -> dict:
     tokenizer = run_tokenizer(run, cfg.data)
     _, val_docs = load_splits(cfg.data.corpus, cfg.model.seq_len, cfg.data.val_fraction)
     val = validation_set(val_docs, cfg.model.seq_len, max_bytes_per_domain, tokenizer)
-    model = MoETransformer(cfg.model, cfg.moe)
+    model = MoETransformer(cfg.model, cfg.moe).to(training_device(cfg.parallel.device))
     rows = []
     for ckpt in checkpoint_candidates(run)[:2]:
         load_weights(ckpt, model)
-        step = int(torch.load(ckpt / STATE, weights_only=True)["step"])
+        step = int(torch.load(ckpt / STATE, weights_only=True, map_location="cpu")["step"])
         ev = evaluate(model, val, cfg.train.eval_batch_size, token_bytes=tokenizer.token_bytes)
         rows.append({"step": step, **ev.row, "mi_bits": specialization_mi(ev.routing)})
     result = {"steps": [r["step"] for r in rows],

@@ -30,6 +30,14 @@ PRESETS: dict[str, list[str]] = {
             "train.steps=900", "train.batch_size=16", "train.eval_every=100",
             "train.warmup_steps=30", "train.eval_batch_size=64",
             "data.val_bytes_per_domain=8192", "train.threads=1"],
+    # One GPU, one run at a time (--workers 1): 4× the width, 6 layers, twice the context,
+    # ~10× the tokens per run. Not run yet: no GPU was available when it was written.
+    "cuda": ["data.tokenizer=bpe", "data.bpe_vocab=4096", "model.d_model=512",
+             "model.n_layers=6", "model.n_heads=8", "model.seq_len=128", "model.paired_init=true",
+             "moe.num_experts=8", "moe.top_k=2", "moe.expert_hidden=512",
+             "train.steps=3000", "train.batch_size=32", "train.eval_every=300",
+             "train.warmup_steps=100", "train.eval_batch_size=64",
+             "data.val_bytes_per_domain=16384", "parallel.device=cuda"],
     # Plumbing for the tests: a few steps of a tiny model, verdicts mean nothing.
     "quick": ["data.tokenizer=bpe", "data.bpe_vocab=320", "model.d_model=16",
               "model.n_layers=1", "model.n_heads=2", "model.seq_len=16", "model.paired_init=true",
@@ -38,9 +46,9 @@ PRESETS: dict[str, list[str]] = {
               "train.warmup_steps=2", "train.eval_batch_size=32",
               "data.val_bytes_per_domain=512", "train.threads=1"],
 }
-DEFAULT_SEEDS = {"cpu": 5, "quick": 2}
+DEFAULT_SEEDS = {"cpu": 5, "cuda": 5, "quick": 2}
 #: validation bytes per domain of the final evaluation: more than any domain holds (all of it)
-FULL_VALIDATION_BYTES = {"cpu": 1 << 30, "quick": 2048}
+FULL_VALIDATION_BYTES = {"cpu": 1 << 30, "cuda": 1 << 30, "quick": 2048}
 
 
 def _settings(preset: str) -> dict[str, str]:

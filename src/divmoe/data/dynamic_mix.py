@@ -63,17 +63,18 @@ def probe_routing_counts(model, probes: dict[str, torch.Tensor], batch_size: int
     def hook(li):
         def fn(module, args, output):
             ids = output.stats.expert_ids.reshape(-1)
-            counts[li, :, current["d"]] += torch.bincount(ids[ids >= 0], minlength=E)
+            counts[li, :, current["d"]] += torch.bincount(ids[ids >= 0], minlength=E).cpu()
         return fn
 
     handles = [m.register_forward_hook(hook(li)) for li, m in enumerate(moes)]
+    device = model.embed.weight.device
     was_training = model.training
     model.eval()
     try:
         for di, d in enumerate(domains):
             current["d"] = di
             for chunk in probes[d].split(batch_size):
-                model(chunk)
+                model(chunk.to(device))
     finally:
         for h in handles:
             h.remove()

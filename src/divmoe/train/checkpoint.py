@@ -158,7 +158,7 @@ def read_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.O
     path = ckpt / STATE
     _check_manifest(ckpt, STATE)
     try:
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, weights_only=True, map_location="cpu")  # any device resumes it
     except Exception as exc:  # noqa: BLE001 - pickle, zip and torch each fail in their own way
         raise CheckpointError(f"{path}: not a readable training state ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}); it is truncated "

@@ -66,6 +66,9 @@ class ParallelConfig:
     expert: int = option(1, min=1, help="under torchrun: ranks each MoE layer's experts are "
                                         "sharded over (expert parallelism); the W ranks form "
                                         "W/expert data-parallel replicas")
+    device: str = option("cpu", choices=("cpu", "cuda"),
+                         help="where the model trains: cpu, or cuda (the CUDA device; under "
+                              "torchrun cuda:LOCAL_RANK). Data are drawn on the CPU and moved")
     placement: Optional[str] = option(None, help="under torchrun: expert → rank placement file "
                                                  "written by `divmoe place` (null = experts "
                                                  "[r·E/n, (r+1)·E/n) on rank r)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -106,7 +107,7 @@ def expert_vendi_by_layer(model: MoETransformer, probe_BS: torch.Tensor, ranks=N
         lambda mod, args, li=li: captured.__setitem__(li, args[0].detach()))
         for li, m in enumerate(moes)]
     try:
-        model(probe_BS)
+        model(probe_BS.to(model.embed.weight.device))
     finally:
         for h in hooks:
             h.remove()
@@ -117,7 +118,7 @@ def expert_vendi_by_layer(model: MoETransformer, probe_BS: torch.Tensor, ranks=N
             parts = [torch.empty_like(out_ETD) for _ in range(ranks.expert)]
             dist.all_gather(parts, out_ETD.contiguous(), group=ranks.expert_group)
             out_ETD = torch.cat(parts)
-        scores.append(expert_output_vendi(out_ETD))
+        scores.append(expert_output_vendi(out_ETD.cpu()))
     return scores
 
 
@@ -146,6 +147,7 @@ def _causal_bpb(model: MoETransformer, val: dict[str, torch.Tensor], batch_size:
         return {"val_bpb_causal": batch_row["val_bpb"],
                 "val_bpb_causal_by_domain": dict(batch_row["val_bpb_by_domain"])}
     model.eval()
+    device = model.embed.weight.device
     domains = sorted(val)
     sums = torch.zeros(len(domains), 2, dtype=torch.float64)  # (loss · tokens, bytes)
     with causal_routing(model):
@@ -153,7 +155,8 @@ def _causal_bpb(model: MoETransformer, val: dict[str, torch.Tensor], batch_size:
             for chunk in val[d].split(batch_size):
                 if ranks is not None:
                     chunk = chunk.tensor_split(ranks.world)[ranks.rank]
-                out = model(chunk[:, :-1], chunk[:, 1:])  # every rank runs (expert all-to-all)
+                on = chunk.to(device)
+                out = model(on[:, :-1], on[:, 1:])  # every rank runs (expert all-to-all)
                 if chunk.shape[0]:  # a rank may hold none of a short batch (its mean is NaN)
                     sums[di] += torch.tensor([float(out.loss) * chunk[:, 1:].numel(),
                                               _target_bytes(chunk, token_bytes)],
@@ -184,6 +187,7 @@ def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: in
     sequences and the sums are reduced, so every rank returns the whole validation set's
     numbers; a batch's MaxVio comes from its counts summed over the ranks."""
     model.eval()
+    device = model.embed.weight.device  # windows stay on the CPU, counts come back to it
     domains = sorted(val)
     moe_layers = model.moe_layers
     L, E = len(moe_layers), model.moe_config.num_experts
@@ -199,16 +203,18 @@ def evaluate(model: MoETransformer, val: dict[str, torch.Tensor], batch_size: in
         for chunk in val[d].split(batch_size):
             if ranks is not None:
                 chunk = chunk.tensor_split(ranks.world)[ranks.rank]
-            out = model(chunk[:, :-1], chunk[:, 1:])
+            on = chunk.to(device)
+            out = model(on[:, :-1], on[:, 1:])
             if chunk.shape[0]:  # a rank may hold none of a short batch (its mean is NaN)
                 loss_sum[d] += float(out.loss) * chunk[:, 1:].numel()
                 tokens[d] += chunk[:, 1:].numel()
                 nbytes[d] += _target_bytes(chunk, token_bytes)
             load_LE = torch.zeros(L, E, dtype=torch.float64)
             for li, s in enumerate(out.stats):
-                counts_LED[li, :, di] += count_per_expert(s.expert_ids, E)  # chosen experts
-                counts_LVED[li, :, di] += _token_expert_counts(chunk[:, :-1], s.expert_ids, V, E)
-                load_LE[li] = s.tokens_per_expert.double()
+                ids = s.expert_ids.cpu()
+                counts_LED[li, :, di] += count_per_expert(ids, E)  # chosen experts
+                counts_LVED[li, :, di] += _token_expert_counts(chunk[:, :-1], ids, V, E)
+                load_LE[li] = s.tokens_per_expert.double().cpu()
                 act_sum[li] += float(s.activated_params_mean) * s.num_tokens
                 act_tokens[li] += s.num_tokens
             if ranks is not None and L:
@@ -351,6 +357,20 @@ def train(out: str | Path, config: RunConfig | None = None, resume: bool = False
             dist.destroy_process_group()
 
 
+def training_device(name: str, ranks=None) -> torch.device:
+    """``parallel.device`` as a torch device; under torchrun each rank takes its local GPU."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("parallel.device=cuda: no CUDA device is visible "
+                          "(torch.cuda.is_available() is False); use parallel.device=cpu")
+    if ranks is None:
+        return torch.device("cuda")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
+
+
 def _placement(cfg: RunConfig, model: MoETransformer, ranks) -> dict[int, list[list[int]]] | None:
     """The experts each rank holds per MoE block, from ``parallel.placement`` (None: the
     default contiguous split); refused when made for other ranks, experts or MoE blocks."""
@@ -400,12 +420,13 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
     if cfg.parallel.placement and (ranks is None or ranks.expert == 1):
         raise ConfigError("parallel.placement applies under torchrun with parallel.expert > 1")
 
+    device = training_device(cfg.parallel.device, ranks)
     train_docs, val_docs = load_splits(cfg.data.corpus, cfg.model.seq_len, cfg.data.val_fraction)
     tokenizer = run_tokenizer(run_dir, cfg.data, (d.text for d in train_docs), write=writer)
     if cfg.data.tokenizer != "bytes":
         cfg.model.vocab_size = tokenizer.vocab_size
     torch.manual_seed(cfg.train.seed)
-    model = MoETransformer(cfg.model, cfg.moe)
+    model = MoETransformer(cfg.model, cfg.moe).to(device)
     optimizer = build_optimizer(model, cfg)
     params = model.param_counts()  # of the whole model, before any sharding
     metrics_path = run_dir / "metrics.jsonl"
@@ -542,7 +563,7 @@ def _train(run_dir: Path, config: RunConfig | None, resume: bool, progress: bool
             t0 = time.perf_counter()
             step = state["step"]
             accum = cfg.train.grad_accum
-            batches = [sampler.batch(step * accum + j, cfg.train.batch_size)[0]
+            batches = [sampler.batch(step * accum + j, cfg.train.batch_size)[0].to(device)
                        for j in range(accum)]
             step_tokens = sum(b[:, :-1].numel() for b in batches)
             if ranks is not None:  # this rank's equal share of every micro-batch
