@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 
 from .runner import Variant
 
-# The model and budget. CPU: ~3 min per run on one core; 11 variants × 5 seeds in two
-# single-thread processes is about 1.5 h on a 2-core machine.
+# The model and budget. CPU: 3–5 min per run on one core (training and the final
+# evaluation); 11 variants × 5 seeds in two single-thread processes took 1.77 h on a 2-core
+# machine.
 PRESETS: dict[str, list[str]] = {
     "cpu": ["data.tokenizer=bpe", "data.bpe_vocab=2048", "model.d_model=128",
             "model.n_layers=4", "model.n_heads=4", "model.seq_len=64", "model.paired_init=true",
